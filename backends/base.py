@@ -1,0 +1,54 @@
+"""The interface every backend adapter implements, and the values it returns."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    """Vectors in input order: (n, dim) float32, full dimension, no prompt added by the backend."""
+
+    vectors: np.ndarray
+    prompt_tokens: int | None = None  # as counted by the backend, when it says
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    ok: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BackendInfo:
+    """What a backend says about itself; the agreement checker compares this with the model profile."""
+
+    kind: str
+    model_id: str | None = None
+    pooling: str | None = None
+    dimension: int | None = None
+    max_input_tokens: int | None = None
+    max_batch_size: int | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+    kind: str
+    model: str
+    priority: int
+
+    async def embed(self, texts: Sequence[str]) -> Embeddings: ...
+
+    async def health(self) -> Health: ...
+
+    async def describe(self) -> BackendInfo: ...
+
+    async def aclose(self) -> None: ...
+
+    def public_url(self) -> str: ...

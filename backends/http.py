@@ -1,0 +1,85 @@
+"""Pieces every HTTP adapter shares: one pooled client per backend, transport-error mapping, parsing."""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import numpy as np
+
+from backends.errors import BackendTimeout, BackendUnavailable, BadBackendOutput
+
+
+def make_client(
+    base_url: str, *, timeout_s: float, connect_timeout_s: float, headers: dict[str, str] | None = None
+) -> httpx.AsyncClient:
+    # One long-lived client per backend: connection pooling matters more than anything else on the hot path.
+    return httpx.AsyncClient(
+        base_url=base_url,
+        timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        headers=headers or {},
+    )
+
+
+@asynccontextmanager
+async def transport_errors(backend: str) -> AsyncIterator[None]:
+    """Turn httpx's transport exceptions into the taxonomy; never let a traceback reach a client."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise BackendTimeout(backend, f"timed out ({type(exc).__name__})") from exc
+    except (httpx.TransportError, httpx.StreamError) as exc:
+        raise BackendUnavailable(backend, f"connection failed: {type(exc).__name__}: {exc}".rstrip(": ")) from exc
+
+
+def redact_url(url: str) -> str:
+    """The URL without user:password, for logs and /v1/backends."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Parse Retry-After: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def decode_base64_vector(backend: str, data: str) -> np.ndarray:
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (ValueError, TypeError) as exc:
+        raise BadBackendOutput(backend, f"embedding is not valid base64: {exc}") from exc
+    if len(raw) % 4:
+        raise BadBackendOutput(backend, f"base64 embedding has {len(raw)} bytes, not a multiple of 4")
+    return np.frombuffer(raw, dtype="<f4")
+
+
+def stack_rows(backend: str, rows: list[np.ndarray] | list[list[float]]) -> np.ndarray:
+    """Rows of one response into an (n, dim) float32 matrix; ragged rows are a backend fault."""
+    if not rows:
+        return np.empty((0, 0), dtype=np.float32)
+    try:
+        matrix = np.asarray(rows, dtype=np.float32)
+    except (ValueError, TypeError) as exc:
+        raise BadBackendOutput(backend, f"embeddings are not a matrix of numbers: {exc}") from exc
+    if matrix.ndim != 2:
+        raise BadBackendOutput(backend, f"embeddings have shape {matrix.shape}, expected (n, dim)")
+    return matrix

@@ -1,0 +1,67 @@
+"""Model profiles: what the gateway must know about a model to put every backend in one space."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Pooling = Literal["mean", "cls", "last"]
+
+
+class ModelProfile(BaseModel):
+    """The facts about one embedding model that the canonical pipeline and the checker rely on."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dimension: int = Field(gt=0, description="full output dimension of the model")
+    matryoshka_dimensions: tuple[int, ...] = Field(
+        default=(), description="dimensions a client may ask for (the full dimension is always allowed)"
+    )
+    pooling: Pooling
+    prompts: dict[str, str] = Field(default_factory=dict, description="prompt name -> prefix")
+    default_prompt_name: str | None = None
+    max_input_tokens: int = Field(gt=0)
+    normalize: bool = Field(True, description="return L2-normalized vectors")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelProfile:
+        too_big = [d for d in self.matryoshka_dimensions if d <= 0 or d > self.dimension]
+        if too_big:
+            raise ValueError(f"matryoshka_dimensions {too_big} must lie in 1..{self.dimension}")
+        if self.default_prompt_name is not None and self.default_prompt_name not in self.prompts:
+            raise ValueError(
+                f"default_prompt_name {self.default_prompt_name!r} is not one of prompts {sorted(self.prompts)}"
+            )
+        return self
+
+    @property
+    def allowed_dimensions(self) -> tuple[int, ...]:
+        return tuple(sorted({*self.matryoshka_dimensions, self.dimension}))
+
+
+_JINA_PROMPTS = {"query": "Query: ", "document": "Document: "}
+
+BUILTIN_PROFILES: dict[str, ModelProfile] = {
+    "jina-embeddings-v5-text-small-text-matching": ModelProfile(
+        dimension=1024,
+        matryoshka_dimensions=(32, 64, 128, 256, 512, 768, 1024),
+        pooling="last",
+        prompts=_JINA_PROMPTS,
+        default_prompt_name="document",
+        max_input_tokens=32768,
+    ),
+    "jina-embeddings-v5-text-nano-text-matching": ModelProfile(
+        dimension=768,
+        matryoshka_dimensions=(32, 64, 128, 256, 512, 768),
+        pooling="last",
+        prompts=_JINA_PROMPTS,
+        default_prompt_name="document",
+        max_input_tokens=8192,
+    ),
+    "all-minilm-l6-v2": ModelProfile(
+        dimension=384,
+        pooling="mean",
+        max_input_tokens=256,
+    ),
+}

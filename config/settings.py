@@ -1,0 +1,182 @@
+"""The gateway's settings: a TOML file plus EMBEDDING_GATEWAY_* environment overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from config.backends import BackendConfig
+from config.profiles import BUILTIN_PROFILES, ModelProfile, Pooling
+
+ENV_PREFIX = "EMBEDDING_GATEWAY_"
+
+
+class ServerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0, description="larger request bodies get 413")
+    max_inputs: int = Field(2048, gt=0, description="most texts in one client request")
+    health_interval_s: float = Field(5.0, gt=0, description="how often each backend's health is polled")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    default_model: str | None = Field(None, description="model for /embed requests that name none; default the first")
+    shutdown_grace_s: float = Field(10.0, ge=0, description="how long in-flight requests may finish on SIGTERM")
+
+
+class ModelConfig(BaseModel):
+    """A model clients can ask for: a built-in profile, inline fields overriding it, or both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    profile: str | None = Field(None, description=f"one of {sorted(BUILTIN_PROFILES)}")
+    dimension: int | None = None
+    matryoshka_dimensions: list[int] | None = None
+    pooling: Pooling | None = None
+    prompts: dict[str, str] | None = None
+    default_prompt_name: str | None = None
+    max_input_tokens: int | None = None
+    normalize: bool | None = None
+
+    _resolved: ModelProfile | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _resolve(self) -> ModelConfig:
+        base: dict[str, Any] = {}
+        if self.profile is not None:
+            if self.profile not in BUILTIN_PROFILES:
+                raise ValueError(f"unknown profile {self.profile!r}; built-in profiles: {sorted(BUILTIN_PROFILES)}")
+            base = BUILTIN_PROFILES[self.profile].model_dump()
+        overrides = self.model_dump(exclude={"name", "profile"}, exclude_none=True)
+        # New prompts invalidate the profile's default unless it still names one of them.
+        if (
+            "prompts" in overrides
+            and "default_prompt_name" not in overrides
+            and base.get("default_prompt_name") not in overrides["prompts"]
+        ):
+            base["default_prompt_name"] = None
+        merged = {**base, **overrides}
+        missing = [k for k in ("dimension", "pooling", "max_input_tokens") if k not in merged]
+        if missing:
+            raise ValueError(f"no built-in `profile` given, so {missing} must be set inline")
+        self._resolved = ModelProfile.model_validate(merged)
+        return self
+
+    @property
+    def resolved(self) -> ModelProfile:
+        assert self._resolved is not None
+        return self._resolved
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
+
+    server: ServerSettings = ServerSettings()
+    models: list[ModelConfig] = Field(min_length=1)
+    backends: list[BackendConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> GatewaySettings:
+        model_names = [m.name for m in self.models]
+        _unique("models", model_names)
+        _unique("backends", [b.name for b in self.backends])
+        for b in self.backends:
+            if b.model not in model_names:
+                raise ValueError(
+                    f"backend {b.name!r} serves model {b.model!r}, which is not in [[models]] {model_names}"
+                )
+        if self.server.default_model is not None and self.server.default_model not in model_names:
+            raise ValueError(f"server.default_model {self.server.default_model!r} is not in [[models]] {model_names}")
+        served = {b.model for b in self.backends}
+        lonely = [m for m in model_names if m not in served]
+        if lonely:
+            raise ValueError(f"models {lonely} have no [[backends]] entry")
+        return self
+
+    def profile(self, model: str) -> ModelProfile:
+        return next(m.resolved for m in self.models if m.name == model)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the file; the file beats defaults. `_toml_file` is set by load_settings.
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if _CURRENT_FILE is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_CURRENT_FILE))
+        return tuple(sources)
+
+
+def _unique(what: str, names: list[str]) -> None:
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{what} names must be unique; repeated: {dupes}")
+
+
+_CURRENT_FILE: Path | None = None
+
+
+class ConfigError(Exception):
+    """An invalid configuration: one readable message, no traceback (the CLI exits 2)."""
+
+
+def load_settings(path: Path | str | None) -> GatewaySettings:
+    """Read the TOML file at `path` (may be None: environment only) and apply env overrides."""
+    global _CURRENT_FILE
+    if path is not None:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"configuration file {str(path)!r} does not exist")
+        _check_toml(path)
+    _CURRENT_FILE = path if path is not None else None
+    try:
+        return GatewaySettings()
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+    finally:
+        _CURRENT_FILE = None
+
+
+def _check_toml(path: Path) -> None:
+    import tomllib
+
+    try:
+        tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    where = str(path) if path is not None else "environment"
+    lines = [f"invalid configuration ({where}):"]
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = _loc(err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("llamacpp", "tei", "elastic", "openai") and out.endswith("]"):
+            continue  # the discriminator tag adds nothing for a reader
+        else:
+            out += f".{part}" if out else str(part)
+    return out

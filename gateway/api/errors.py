@@ -1,0 +1,91 @@
+"""The one exception handler: every error class → status code + the client's dialect.
+
+`/v1/*` answers in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`; `/embed` in TEI's
+`{"error", "error_type"}`. No traceback ever reaches a client; unexpected errors are logged here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException
+
+from backends.errors import BackendError, InputRejected
+from gateway.errors import GatewayError, NoBackendAvailable
+
+log = logging.getLogger(__name__)
+
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    503: "service_unavailable",
+    504: "timeout",
+    500: "server_error",
+}
+_TEI_TYPES = {
+    400: "Validation",
+    404: "Validation",
+    405: "Validation",
+    413: "Validation",
+    415: "Validation",
+    429: "Overloaded",
+    503: "Unhealthy",
+    504: "Unhealthy",
+    500: "Backend",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    status: int
+    message: str
+    code: str
+    param: str | None = None
+    headers: dict[str, str] | None = None
+
+
+def classify(exc: Exception) -> Problem:
+    if isinstance(exc, NoBackendAvailable):
+        return Problem(503, exc.message, exc.code, headers={"Retry-After": str(max(1, round(exc.retry_after)))})
+    if isinstance(exc, GatewayError):
+        return Problem(exc.status_code, exc.message, exc.code, exc.param)
+    if isinstance(exc, InputRejected):
+        return Problem(400, f"the backend rejected the input: {exc.message}", "input_rejected", "input")
+    if isinstance(exc, BackendError):  # the router normally wraps these; be safe anyway
+        return Problem(503, f"backend failure: {exc.message}", "backend_error", headers={"Retry-After": "1"})
+    if isinstance(exc, HTTPException):
+        detail = exc.detail or "error"
+        if exc.status_code == 413:
+            detail = "request body is larger than the configured limit (server.max_body_bytes)"
+        return Problem(exc.status_code, detail, "http_error", headers=dict(exc.headers or {}))
+    return Problem(
+        500, "internal error; the request id in x-request-id identifies it in the gateway's log", "internal_error"
+    )
+
+
+def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    problem = classify(exc)
+    if problem.status >= 500 and problem.code == "internal_error":
+        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    if request.url.path.startswith("/embed"):
+        error_type = "Empty" if "empty" in problem.message else _TEI_TYPES.get(problem.status, "Validation")
+        body: Any = {"error": problem.message, "error_type": error_type}
+    else:
+        body = {
+            "error": {
+                "message": problem.message,
+                "type": _OPENAI_TYPES.get(problem.status, "invalid_request_error"),
+                "param": problem.param,
+                "code": problem.code,
+            }
+        }
+    return Response(
+        msgspec.json.encode(body), status_code=problem.status, media_type="application/json", headers=problem.headers
+    )

@@ -1,0 +1,52 @@
+"""Turning a client's JSON body into a canonical request: strict, with messages a user can act on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from gateway.errors import InvalidRequest
+
+
+def decode_body(body: bytes, struct: type[msgspec.Struct]) -> Any:
+    if not body.strip():
+        raise InvalidRequest("request body is empty; send a JSON object")
+    try:
+        return msgspec.json.decode(body, type=struct)
+    except msgspec.ValidationError as exc:
+        # msgspec says e.g. "Expected `int | null`, got `str` - at `$.dimensions`".
+        msg = str(exc)
+        param = msg.rsplit("`$.", 1)[1].rstrip("`").split("[")[0] if "`$." in msg else None
+        raise InvalidRequest(f"invalid request: {msg}", param=param) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+
+
+def parse_texts(value: Any, param: str, max_inputs: int) -> list[str]:
+    """A string or a non-empty list of non-empty strings; token-id arrays are refused by name."""
+    if value is None or value is msgspec.UNSET:
+        raise InvalidRequest(f"`{param}` is required", param=param)
+    if isinstance(value, str):
+        if not value:
+            raise InvalidRequest(f"`{param}` must not be an empty string", param=param)
+        return [value]
+    if not isinstance(value, list):
+        raise InvalidRequest(f"`{param}` must be a string or a list of strings", param=param)
+    if not value:
+        raise InvalidRequest(f"`{param}` must not be an empty list", param=param)
+    if len(value) > max_inputs:
+        raise InvalidRequest(
+            f"`{param}` has {len(value)} items; at most {max_inputs} are allowed per request", param=param
+        )
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            if not item:
+                raise InvalidRequest(f"`{param}[{i}]` is an empty string", param=param)
+            continue
+        if isinstance(item, (int, list)) and not isinstance(item, bool):
+            raise InvalidRequest(
+                f"`{param}` contains token ids; token arrays are not supported, send text strings", param=param
+            )
+        raise InvalidRequest(f"`{param}[{i}]` must be a string, got {type(item).__name__}", param=param)
+    return value

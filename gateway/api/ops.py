@@ -1,0 +1,90 @@
+"""Operational routes: liveness, readiness, models, backends, metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, Response, get
+
+from gateway.runtime import Runtime
+
+
+def _runtime(request: Request[Any, Any, Any]) -> Runtime:
+    rt: Runtime = request.app.state.runtime
+    return rt
+
+
+@get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/ready")
+async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
+    rt = _runtime(request)
+    healthy: dict[str, list[str]] = {m: [] for m in rt.profiles}
+    for st in rt.states:
+        if st.healthy:
+            healthy[st.backend.model].append(st.backend.name)
+    lacking = sorted(m for m, names in healthy.items() if not names)
+    body: dict[str, Any] = {"status": "not ready" if lacking else "ready", "models": healthy}
+    if lacking:
+        body["models_without_healthy_backend"] = lacking
+    return Response(body, status_code=503 if lacking else 200)
+
+
+@get("/v1/models")
+async def models(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    rt = _runtime(request)
+    data = []
+    for name, p in rt.profiles.items():
+        data.append(
+            {
+                "id": name,
+                "object": "model",
+                "owned_by": "embedding-gateway",
+                "dimension": p.dimension,
+                "dimensions": list(p.allowed_dimensions),
+                "pooling": p.pooling,
+                "prompts": p.prompts,
+                "default_prompt_name": p.default_prompt_name,
+                "max_input_tokens": p.max_input_tokens,
+            }
+        )
+    return {"object": "list", "data": data}
+
+
+@get("/v1/backends")
+async def backends(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    rt = _runtime(request)
+    out = []
+    for st in rt.states:
+        b = st.backend
+        sup = rt.supervisors.get(b.name)
+        entry: dict[str, Any] = {
+            "name": b.name,
+            "kind": b.kind,
+            "model": b.model,
+            "url": b.public_url(),
+            "priority": b.priority,
+            "healthy": st.healthy,
+            "last_error": st.last_error,
+            "last_error_at": st.last_error_at,
+            "last_latency_ms": st.last_latency_ms,
+            "last_check_at": st.last_check_at,
+            "requests": st.requests,
+            "failures": st.failures,
+        }
+        if sup is not None:
+            entry["managed"] = {
+                "pid": sup.process.proc.pid if sup.process.proc else None,
+                "restarts": sup.restarts,
+                "error": sup.error,
+            }
+        out.append(entry)
+    return {"object": "list", "data": out}
+
+
+@get("/metrics", media_type="text/plain; version=0.0.4")
+async def metrics(request: Request[Any, Any, Any]) -> bytes:
+    return _runtime(request).metrics.render()

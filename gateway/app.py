@@ -1,0 +1,27 @@
+"""Application factory: settings in, a ready-to-serve ASGI app out."""
+
+from __future__ import annotations
+
+from litestar import Litestar
+from litestar.datastructures import State
+
+from config.settings import GatewaySettings
+from gateway.api import errors, ops
+from gateway.api.context import RequestContext
+from gateway.api.openai import create_embeddings
+from gateway.api.tei import embed
+from gateway.runtime import Runtime
+
+
+def create_app(settings: GatewaySettings) -> RequestContext:
+    runtime = Runtime(settings)
+    app = Litestar(
+        route_handlers=[create_embeddings, embed, ops.health, ops.ready, ops.models, ops.backends, ops.metrics],
+        exception_handlers={Exception: errors.handle},
+        request_max_body_size=settings.server.max_body_bytes,
+        lifespan=[runtime.lifespan],
+        state=State({"runtime": runtime}),
+        openapi_config=None,
+        logging_config=None,  # the CLI configures logging once for the whole process
+    )
+    return RequestContext(app, runtime.metrics)

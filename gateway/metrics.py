@@ -1,0 +1,63 @@
+"""Prometheus metrics (prometheus-client), one registry per app so tests and apps don't collide."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "embedding_gateway_requests_total",
+            "Client requests by route and status.",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "embedding_gateway_request_duration_seconds",
+            "Client request latency.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.inputs = Counter(
+            "embedding_gateway_inputs_total", "Texts embedded, by model.", ["model"], registry=self.registry
+        )
+        self.backend_calls = Counter(
+            "embedding_gateway_backend_calls_total",
+            "Backend calls by outcome (ok or error class).",
+            ["backend", "outcome"],
+            registry=self.registry,
+        )
+        self.backend_seconds = Histogram(
+            "embedding_gateway_backend_call_duration_seconds",
+            "Backend call latency.",
+            ["backend"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.fallbacks = Counter(
+            "embedding_gateway_fallbacks_total",
+            "Requests served by a backend other than the first tried.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.backend_healthy = Gauge(
+            "embedding_gateway_backend_healthy",
+            "1 when the backend's last health check passed.",
+            ["backend", "model"],
+            registry=self.registry,
+        )
+
+    def backend_call(self, backend: str, outcome: str, seconds: float) -> None:
+        self.backend_calls.labels(backend, outcome).inc()
+        self.backend_seconds.labels(backend).observe(seconds)
+
+    def fallback(self, model: str) -> None:
+        self.fallbacks.labels(model).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,80 @@
+"""The canonical pipeline, the same for every backend.
+
+Prompt applied once by the gateway → plain texts to the backend → full-dimension vectors back →
+L2-normalize → Matryoshka slice → re-normalize in float32. Backends never add prompts or cut
+dimensions, so every backend is compared on the same footing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from config.profiles import ModelProfile
+from gateway.errors import InvalidRequest
+
+Encoding = Literal["float", "base64"]
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedRequest:
+    """A client request in the gateway's own terms, whatever dialect it arrived in."""
+
+    model: str
+    texts: list[str]
+    prompt_name: str | None = None
+    dimensions: int | None = None
+    encoding: Encoding = "float"
+
+
+def resolve_prompt(profile: ModelProfile, prompt_name: str | None) -> str:
+    """The prefix for `prompt_name` (or the profile's default); '' when the model has no prompts."""
+    if prompt_name is None:
+        return profile.prompts.get(profile.default_prompt_name, "") if profile.default_prompt_name else ""
+    if prompt_name not in profile.prompts:
+        known = sorted(profile.prompts)
+        hint = f"this model's prompts are {known}" if known else "this model has no prompts; omit prompt_name"
+        raise InvalidRequest(f"unknown prompt_name {prompt_name!r}: {hint}", param="prompt_name")
+    return profile.prompts[prompt_name]
+
+
+def resolve_dimensions(profile: ModelProfile, dimensions: int | None) -> int:
+    if dimensions is None:
+        return profile.dimension
+    allowed = profile.allowed_dimensions
+    if dimensions not in allowed:
+        raise InvalidRequest(
+            f"dimensions={dimensions} is not supported by this model; allowed values: {list(allowed)}",
+            param="dimensions",
+        )
+    return dimensions
+
+
+def apply_prompt(prefix: str, texts: Sequence[str]) -> list[str]:
+    return [prefix + t for t in texts] if prefix else list(texts)
+
+
+def l2_normalize(m: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(m, axis=1, keepdims=True)
+    out: np.ndarray = np.divide(m, norms, out=np.zeros_like(m), where=norms > 0)
+    return out
+
+
+def finish(vectors: np.ndarray, profile: ModelProfile, dimensions: int) -> np.ndarray:
+    """Normalize, slice to `dimensions`, re-normalize; float32, C-contiguous."""
+    m = np.asarray(vectors, dtype=np.float32)
+    if profile.normalize:
+        m = l2_normalize(m)
+    if dimensions < m.shape[1]:
+        m = m[:, :dimensions]
+        if profile.normalize:
+            m = l2_normalize(m)
+    return np.ascontiguousarray(m, dtype=np.float32)
+
+
+def estimate_tokens(texts: Sequence[str]) -> int:
+    """Used only when a backend does not report usage: about 4 characters per token (documented)."""
+    return sum(max(1, (len(t) + 3) // 4) for t in texts)

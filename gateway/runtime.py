@@ -1,0 +1,89 @@
+"""Everything a running gateway holds: supervisors, adapters, backend state, router, service, health.
+
+Built in the app's lifespan (inside the event loop), torn down in reverse order on shutdown.
+Start-up never waits on a backend: managed servers and health polls run in background tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from backends import Backend, create_backend
+from backends.managed.supervisor import Supervisor
+from config.backends import LlamaCppBackend
+from config.settings import GatewaySettings
+from gateway.health import HealthMonitor
+from gateway.metrics import Metrics
+from gateway.router import Router
+from gateway.service import EmbeddingService
+from gateway.state import BackendState
+
+if TYPE_CHECKING:
+    from litestar import Litestar
+
+    from gateway.service import EmbedResult
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    def __init__(self, settings: GatewaySettings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.profiles = {m.name: m.resolved for m in settings.models}
+        self.default_model = settings.server.default_model or settings.models[0].name
+        self.supervisors: dict[str, Supervisor] = {}
+        self.states: list[BackendState] = []
+        self._service: EmbeddingService | None = None
+        self.health: HealthMonitor | None = None
+
+    @property
+    def service(self) -> EmbeddingService:
+        if self._service is None:
+            raise RuntimeError("gateway runtime is not started")
+        return self._service
+
+    def start(self) -> None:
+        backends: list[Backend] = []
+        for cfg in self.settings.backends:
+            url = None
+            if isinstance(cfg, LlamaCppBackend) and cfg.managed is not None:
+                key = cfg.api_key.get_secret_value() if cfg.api_key else None
+                sup = Supervisor(cfg.name, cfg.managed, api_key=key)
+                sup.start()
+                self.supervisors[cfg.name] = sup
+                url = sup.url
+            backends.append(create_backend(cfg, url=url))
+        self.states = [BackendState(b) for b in backends]
+        dims = {name: p.dimension for name, p in self.profiles.items()}
+        self._service = EmbeddingService(self.profiles, Router(self.states, dims, self.metrics))
+        self.health = HealthMonitor(
+            self.states,
+            self.settings.server.health_interval_s,
+            self.metrics,
+            supervisor_error=lambda name: s.error if (s := self.supervisors.get(name)) else None,
+        )
+        self.health.start()
+        log.info("gateway serving models %s over backends %s", sorted(self.profiles), [b.name for b in backends])
+
+    async def stop(self) -> None:
+        if self.health is not None:
+            await self.health.stop()
+        for st in self.states:
+            await st.backend.aclose()
+        for sup in self.supervisors.values():
+            await sup.stop()
+
+    def result_headers(self, result: EmbedResult) -> dict[str, str]:
+        return {"x-embedding-backend": ",".join(result.backends)}
+
+    @asynccontextmanager
+    async def lifespan(self, _app: Litestar) -> AsyncIterator[None]:
+        self.start()
+        try:
+            yield
+        finally:
+            await self.stop()

@@ -1,0 +1,42 @@
+"""The embedding service: a canonical request in, finished vectors out. Dialect-free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from config.profiles import ModelProfile
+from gateway.errors import ModelNotFound
+from gateway.pipeline import EmbedRequest, apply_prompt, estimate_tokens, finish, resolve_dimensions, resolve_prompt
+from gateway.router import Router
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedResult:
+    vectors: np.ndarray  # (n, dimensions) float32
+    backends: tuple[str, ...]
+    prompt_tokens: int
+
+
+class EmbeddingService:
+    def __init__(self, profiles: dict[str, ModelProfile], router: Router) -> None:
+        self.profiles = profiles
+        self.router = router
+
+    def profile(self, model: str) -> ModelProfile:
+        try:
+            return self.profiles[model]
+        except KeyError:
+            raise ModelNotFound(
+                f"model {model!r} does not exist; known models: {sorted(self.profiles)}", param="model"
+            ) from None
+
+    async def embed(self, req: EmbedRequest) -> EmbedResult:
+        profile = self.profile(req.model)
+        prefix = resolve_prompt(profile, req.prompt_name)
+        dims = resolve_dimensions(profile, req.dimensions)
+        texts = apply_prompt(prefix, req.texts)
+        routed = await self.router.embed(req.model, texts)
+        tokens = routed.prompt_tokens if routed.prompt_tokens is not None else estimate_tokens(texts)
+        return EmbedResult(finish(routed.vectors, profile, dims), routed.backends, tokens)

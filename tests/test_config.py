@@ -1,0 +1,146 @@
+"""Configuration: the documented TOML shape, env overrides, profiles, readable errors, exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from config import ConfigError, GatewaySettings, load_settings
+
+EXACT_SHAPE = """
+[server]
+host = "127.0.0.1"
+port = 8080
+
+[[models]]
+name = "minilm"               # what clients send as `model`
+profile = "all-minilm-l6-v2"  # a built-in profile; inline fields may override or define a new one
+
+[[backends]]
+name = "primary"
+kind = "llamacpp"             # llamacpp | tei | elastic | openai  (tei/elastic/openai arrive in issue 3)
+model = "minilm"
+url = "http://127.0.0.1:8081"
+priority = 0                  # lower is tried first
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "gateway.toml"
+    p.write_text(text)
+    return p
+
+
+def test_exact_documented_shape_loads(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, EXACT_SHAPE))
+    assert s.server.port == 8080
+    assert s.models[0].name == "minilm"
+    profile = s.profile("minilm")
+    assert (profile.dimension, profile.pooling, profile.prompts, profile.max_input_tokens) == (384, "mean", {}, 256)
+    b = s.backends[0]
+    assert (b.name, b.kind, b.model, str(b.url), b.priority) == (
+        "primary",
+        "llamacpp",
+        "minilm",
+        "http://127.0.0.1:8081/",
+        0,
+    )
+
+
+def test_environment_overrides_file_with_nested_delimiter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBEDDING_GATEWAY_SERVER__PORT", "9123")
+    monkeypatch.setenv("EMBEDDING_GATEWAY_SERVER__MAX_INPUTS", "7")
+    s = load_settings(write(tmp_path, EXACT_SHAPE))
+    assert s.server.port == 9123 and s.server.max_inputs == 7
+    assert s.server.host == "127.0.0.1"  # untouched keys keep the file's values
+
+
+def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.cli import _load
+
+    monkeypatch.setenv("EMBEDDING_GATEWAY_CONFIG", str(write(tmp_path, EXACT_SHAPE)))
+    assert _load(None).backends[0].name == "primary"
+
+
+def test_builtin_jina_profiles() -> None:
+    from config import BUILTIN_PROFILES
+
+    small = BUILTIN_PROFILES["jina-embeddings-v5-text-small-text-matching"]
+    assert small.dimension == 1024 and small.pooling == "last" and small.max_input_tokens == 32768
+    assert small.allowed_dimensions == (32, 64, 128, 256, 512, 768, 1024)
+    assert small.prompts == {"query": "Query: ", "document": "Document: "} and small.default_prompt_name == "document"
+    nano = BUILTIN_PROFILES["jina-embeddings-v5-text-nano-text-matching"]
+    assert nano.dimension == 768 and nano.allowed_dimensions[-1] == 768 and nano.max_input_tokens == 8192
+
+
+def test_inline_fields_override_profile(tmp_path: Path) -> None:
+    text = EXACT_SHAPE.replace(
+        'profile = "all-minilm-l6-v2"  #',
+        'profile = "all-minilm-l6-v2"\nmatryoshka_dimensions = [64, 128]\nprompts = { query = "q: " }\n#',
+    )
+    p = load_settings(write(tmp_path, text)).profile("minilm")
+    assert p.allowed_dimensions == (64, 128, 384)
+    assert p.prompts == {"query": "q: "} and p.default_prompt_name is None
+
+
+def test_inline_profile_without_builtin(tmp_path: Path) -> None:
+    text = EXACT_SHAPE.replace('profile = "all-minilm-l6-v2"', 'dimension = 8\npooling = "cls"\nmax_input_tokens = 16')
+    assert load_settings(write(tmp_path, text)).profile("minilm").dimension == 8
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (('profile = "all-minilm-l6-v2"', 'profile = "nope"'), "models[0]: unknown profile 'nope'"),
+        (('url = "http://127.0.0.1:8081"', 'url = "not a url"'), "backends[0].url"),
+        (('model = "minilm"\nurl', 'model = "other"\nurl'), "serves model 'other'"),
+        (('kind = "llamacpp"', 'kind = "carrier-pigeon"'), "backends[0]"),
+        (("port = 8080", 'port = "eighty"'), "server.port"),
+        (("priority = 0", "priority = 0\nbogus = 1"), "backends[0].bogus"),
+        (('profile = "all-minilm-l6-v2"', 'profile = "all-minilm-l6-v2"\nmatryoshka_dimensions = [999]'), "matryoshka"),
+        (
+            ('profile = "all-minilm-l6-v2"', 'profile = "all-minilm-l6-v2"\ndefault_prompt_name = "query"'),
+            "default_prompt_name",
+        ),
+    ],
+)
+def test_invalid_config_names_the_field(tmp_path: Path, change: tuple[str, str], needle: str) -> None:
+    assert change[0] in EXACT_SHAPE
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, EXACT_SHAPE.replace(change[0], change[1], 1)))
+    assert needle in str(info.value)
+
+
+def test_secrets_are_never_rendered(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, EXACT_SHAPE.replace("priority = 0", 'priority = 0\napi_key = "hunter2-secret"')))
+    assert s.backends[0].api_key is not None and s.backends[0].api_key.get_secret_value() == "hunter2-secret"
+    assert "hunter2" not in repr(s) and "hunter2" not in s.model_dump_json()
+
+
+def test_cli_invalid_config_exits_2_with_one_readable_message(tmp_path: Path) -> None:
+    bad = write(tmp_path, EXACT_SHAPE.replace('url = "http://127.0.0.1:8081"', "url = 12"))
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(bad)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 2
+    assert "backends[0].url" in r.stderr and "Traceback" not in r.stderr
+    missing = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(tmp_path / "nope.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_models_and_backends_must_cross_reference() -> None:
+    with pytest.raises(Exception, match="have no \\[\\[backends\\]\\]"):
+        GatewaySettings.model_validate(
+            {
+                "models": [{"name": "a", "profile": "all-minilm-l6-v2"}, {"name": "b", "profile": "all-minilm-l6-v2"}],
+                "backends": [{"name": "x", "kind": "llamacpp", "model": "a", "url": "http://h"}],
+            }
+        )

