@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,18 +12,32 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import numpy as np
+from httpx_aiohttp import AiohttpTransport
 
 from backends.errors import BackendTimeout, BackendUnavailable, BadBackendOutput
 
 
 def make_client(
-    base_url: str, *, timeout_s: float, connect_timeout_s: float, headers: dict[str, str] | None = None
+    base_url: str,
+    *,
+    timeout_s: float,
+    connect_timeout_s: float,
+    headers: dict[str, str] | None = None,
+    verify: ssl.SSLContext | str | bool = True,
 ) -> httpx.AsyncClient:
-    # One long-lived client per backend: connection pooling matters more than anything else on the hot path.
+    """One long-lived client per backend, with httpx's API over aiohttp's connection pool.
+
+    httpcore's pool checks every pooled socket on every request (`has_expired` -> `is_socket_readable`);
+    profiled under 32 concurrent requests that was ~27% of the gateway's CPU and httpx ~75% overall.
+    The aiohttp transport keeps the httpx API (and MockTransport in tests) and measured 2.5x the
+    throughput with a 4x lower p99 (bench/gateway_overhead.py).
+    """
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
     return httpx.AsyncClient(
         base_url=base_url,
         timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        limits=limits,
+        transport=AiohttpTransport(limits=limits, verify=verify),
         headers=headers or {},
     )
 
@@ -33,6 +48,10 @@ async def transport_errors(backend: str) -> AsyncIterator[None]:
     try:
         yield
     except httpx.TimeoutException as exc:
+        cause = exc.__cause__
+        if cause is not None and not isinstance(cause, TimeoutError):
+            # The aiohttp transport reports every dropped connection as ConnectTimeout; say what it was.
+            raise BackendUnavailable(backend, f"connection failed: {type(cause).__name__}: {cause}") from exc
         raise BackendTimeout(backend, f"timed out ({type(exc).__name__})") from exc
     except (httpx.TransportError, httpx.StreamError) as exc:
         raise BackendUnavailable(backend, f"connection failed: {type(exc).__name__}: {exc}".rstrip(": ")) from exc
