@@ -42,8 +42,12 @@ class Backend(Protocol):
     kind: str
     model: str
     priority: int
+    # False (the norm): texts arrive with the model's prompt already prepended by the gateway.
+    # True: the backend applies the prompt named `prompt_name` itself (TEI prompt_mode="backend", EIS
+    # input_type), so it receives plain texts. The agreement checker verifies either way.
+    applies_prompt: bool
 
-    async def embed(self, texts: Sequence[str]) -> Embeddings: ...
+    async def embed(self, texts: Sequence[str], prompt_name: str | None = None) -> Embeddings: ...
 
     async def health(self) -> Health: ...
 

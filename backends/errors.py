@@ -42,6 +42,12 @@ class BackendOverloaded(BackendError):
         self.retry_after = retry_after
 
 
+class PayloadTooLarge(BackendError):
+    """The backend refused the request body's size (e.g. TEI's 2 MB limit): a smaller batch may pass."""
+
+    kind = "payload_too_large"
+
+
 class BackendMisconfigured(BackendError):
     """401/403/404: wrong key, wrong URL, missing endpoint. Alert an operator; other backends may serve."""
 

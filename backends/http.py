@@ -102,3 +102,20 @@ def stack_rows(backend: str, rows: list[np.ndarray] | list[list[float]]) -> np.n
     if matrix.ndim != 2:
         raise BadBackendOutput(backend, f"embeddings have shape {matrix.shape}, expected (n, dim)")
     return matrix
+
+
+def error_message(resp: httpx.Response) -> str:
+    """The human part of an error body, whatever its dialect (OpenAI, llama.cpp, TEI, plain text)."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.text[:300] or resp.reason_phrase
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict):
+            return str(err.get("message") or err.get("reason") or err)[:500]
+        if isinstance(err, str):
+            return err[:500]
+        if "message" in body:
+            return str(body["message"])[:500]
+    return str(body)[:300]

@@ -1,6 +1,6 @@
 """Configuration: model profiles, backend configs, and loading settings from TOML + environment."""
 
-from config.backends import BackendConfig, LlamaCppBackend, ManagedLlamaCpp
+from config.backends import BackendConfig, ElasticBackend, LlamaCppBackend, ManagedLlamaCpp, OpenAIBackend, TeiBackend
 from config.profiles import BUILTIN_PROFILES, ModelProfile
 from config.settings import ConfigError, GatewaySettings, ModelConfig, ServerSettings, load_settings
 
@@ -8,11 +8,14 @@ __all__ = [
     "BUILTIN_PROFILES",
     "BackendConfig",
     "ConfigError",
+    "ElasticBackend",
     "GatewaySettings",
     "LlamaCppBackend",
     "ManagedLlamaCpp",
     "ModelConfig",
     "ModelProfile",
+    "OpenAIBackend",
     "ServerSettings",
+    "TeiBackend",
     "load_settings",
 ]

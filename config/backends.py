@@ -22,6 +22,12 @@ class _Backend(BaseModel):
     api_key: SecretStr | None = None
 
 
+class _HttpBackend(_Backend):
+    url: AnyHttpUrl | None = Field(None, description="base URL of the backend")
+    verify_tls: bool = Field(True, description="verify the server's TLS certificate")
+    ca_cert: Path | None = Field(None, description="CA bundle for a private TLS certificate")
+
+
 class ManagedLlamaCpp(BaseModel):
     """A llama.cpp server the gateway launches and supervises as a child process."""
 
@@ -52,9 +58,8 @@ class ManagedLlamaCpp(BaseModel):
         return self
 
 
-class LlamaCppBackend(_Backend):
+class LlamaCppBackend(_HttpBackend):
     kind: Literal["llamacpp"]
-    url: AnyHttpUrl | None = Field(None, description="base URL; omitted for a managed server")
     managed: ManagedLlamaCpp | None = None
 
     @model_validator(mode="after")
@@ -66,4 +71,53 @@ class LlamaCppBackend(_Backend):
         return self
 
 
-BackendConfig = Annotated[LlamaCppBackend, Field(discriminator="kind")]
+class TeiBackend(_HttpBackend):
+    """Hugging Face text-embeddings-inference (GPU or CPU image alike), via its native `/embed`."""
+
+    kind: Literal["tei"]
+    url: AnyHttpUrl
+    prompt_mode: Literal["gateway", "backend"] = Field(
+        "gateway",
+        description="gateway: the gateway prepends the prompt (TEI must run without --default-prompt*); "
+        "backend: TEI applies it from `prompt_name` (its prompts must match the model profile's)",
+    )
+
+
+class OpenAIBackend(_HttpBackend):
+    """Any OpenAI-compatible embeddings server: vLLM --runner pooling, Infinity, OpenAI itself."""
+
+    kind: Literal["openai"]
+    url: AnyHttpUrl
+    remote_model: str | None = Field(None, description="`model` to send; default the gateway model's name")
+
+
+class ElasticBackend(_Backend):
+    """Elastic Inference Service (or any text_embedding inference endpoint) through Elasticsearch."""
+
+    kind: Literal["elastic"]
+    url: AnyHttpUrl | None = Field(None, description="Elasticsearch URL (or give cloud_id)")
+    cloud_id: SecretStr | None = None
+    inference_id: str = Field(min_length=1, description="the text_embedding inference endpoint")
+    username: str | None = None
+    password: SecretStr | None = None
+    bearer_token: SecretStr | None = None
+    verify_certs: bool = True
+    ca_cert: Path | None = None
+    input_types: dict[str, str] = Field(
+        default_factory=lambda: {"document": "ingest", "query": "search"},
+        description="model prompt name -> Elasticsearch input_type (EIS applies the prompt itself)",
+    )
+
+    @model_validator(mode="after")
+    def _where_and_auth(self) -> ElasticBackend:
+        if (self.url is None) == (self.cloud_id is None):
+            raise ValueError("give exactly one of `url` or `cloud_id`")
+        auths = [self.api_key is not None, self.bearer_token is not None, self.username is not None]
+        if sum(auths) > 1:
+            raise ValueError("give at most one of `api_key`, `bearer_token`, `username`/`password`")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("`username` and `password` go together")
+        return self
+
+
+BackendConfig = Annotated[LlamaCppBackend | TeiBackend | OpenAIBackend | ElasticBackend, Field(discriminator="kind")]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -10,7 +13,6 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
 from config.backends import BackendConfig
@@ -114,11 +116,22 @@ class GatewaySettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Environment beats the file; the file beats defaults. `_toml_file` is set by load_settings.
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if _CURRENT_FILE is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_CURRENT_FILE))
-        return tuple(sources)
+        # Environment beats the file; the file beats defaults. load_settings() hands over the file.
+        return (init_settings, env_settings, _FileSource(settings_cls, _CURRENT_FILE_DATA))
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """The parsed (and ${VAR}-expanded) TOML file as a settings source."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any] | None) -> None:
+        super().__init__(settings_cls)
+        self._data = data or {}
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
 
 
 def _unique(what: str, names: list[str]) -> None:
@@ -127,7 +140,8 @@ def _unique(what: str, names: list[str]) -> None:
         raise ValueError(f"{what} names must be unique; repeated: {dupes}")
 
 
-_CURRENT_FILE: Path | None = None
+_CURRENT_FILE_DATA: dict[str, Any] | None = None
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class ConfigError(Exception):
@@ -135,29 +149,50 @@ class ConfigError(Exception):
 
 
 def load_settings(path: Path | str | None) -> GatewaySettings:
-    """Read the TOML file at `path` (may be None: environment only) and apply env overrides."""
-    global _CURRENT_FILE
+    """Read the TOML file at `path` (may be None: environment only) and apply env overrides.
+
+    String values may reference environment variables as `${NAME}`, so secrets can stay out of the
+    file (e.g. `api_key = "${ES_API_KEY}"`); an unset variable is a configuration error.
+    """
+    global _CURRENT_FILE_DATA
+    data: dict[str, Any] = {}
     if path is not None:
         path = Path(path).expanduser()
         if not path.is_file():
             raise ConfigError(f"configuration file {str(path)!r} does not exist")
-        _check_toml(path)
-    _CURRENT_FILE = path if path is not None else None
+        data = _expand(_read_toml(path), path, ())
+    _CURRENT_FILE_DATA = data
     try:
         return GatewaySettings()
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path)) from None
     finally:
-        _CURRENT_FILE = None
+        _CURRENT_FILE_DATA = None
 
 
-def _check_toml(path: Path) -> None:
-    import tomllib
-
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _expand(node: Any, path: Path, loc: tuple[int | str, ...]) -> Any:
+    if isinstance(node, dict):
+        return {k: _expand(v, path, (*loc, k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand(v, path, (*loc, i)) for i, v in enumerate(node)]
+    if isinstance(node, str) and "${" in node:
+
+        def lookup(m: re.Match[str]) -> str:
+            if m.group(1) not in os.environ:
+                raise ConfigError(
+                    f"invalid configuration ({path}):\n  {_loc(loc)}: environment variable {m.group(1)} is not set"
+                )
+            return os.environ[m.group(1)]
+
+        return _ENV_REF.sub(lookup, node)
+    return node
 
 
 def _describe(exc: ValidationError, path: Path | None) -> str:

@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from backends.errors import BackendError
+from backends.errors import BackendError, BackendMisconfigured
 from gateway.metrics import Metrics
 from gateway.state import BackendState
 
@@ -53,19 +53,21 @@ class HealthMonitor:
         backend = st.backend
         started = time.perf_counter()
         was = st.healthy
+        misconfigured = False
         try:
             h = await asyncio.wait_for(backend.health(), timeout=max(1.0, self._interval))
             ok, detail = h.ok, h.detail
         except BackendError as exc:
             ok, detail = False, exc.message
+            misconfigured = isinstance(exc, BackendMisconfigured)
         except TimeoutError:
             ok, detail = False, "health check timed out"
         if not ok and (sup := self._supervisor_error(backend.name)):
             detail = sup  # the supervisor knows why better than "connection refused" does
         st.record_health(ok, detail, time.perf_counter() - started)
         self._metrics.backend_healthy.labels(backend.name, backend.model).set(1 if ok else 0)
-        if was is not ok:
-            if ok:
-                log.info("backend %s is healthy", backend.name)
-            else:
-                log.warning("backend %s is unhealthy: %s", backend.name, detail)
+        if ok and was is not True:
+            log.info("backend %s is healthy", backend.name)
+        elif not ok and st.should_log(detail):
+            level = logging.ERROR if misconfigured else logging.WARNING
+            log.log(level, "backend %s is unhealthy: %s", backend.name, detail)

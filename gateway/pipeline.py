@@ -30,15 +30,27 @@ class EmbedRequest:
     encoding: Encoding = "float"
 
 
-def resolve_prompt(profile: ModelProfile, prompt_name: str | None) -> str:
-    """The prefix for `prompt_name` (or the profile's default); '' when the model has no prompts."""
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """The prompt a request resolves to: its name (for backends that apply prompts) and prefix."""
+
+    name: str | None
+    prefix: str
+
+    def apply(self, texts: Sequence[str]) -> list[str]:
+        return apply_prompt(self.prefix, texts)
+
+
+def resolve_prompt(profile: ModelProfile, prompt_name: str | None) -> Prompt:
+    """`prompt_name` or the profile's default; an empty prefix when the model has no prompts."""
     if prompt_name is None:
-        return profile.prompts.get(profile.default_prompt_name, "") if profile.default_prompt_name else ""
+        name = profile.default_prompt_name
+        return Prompt(name, profile.prompts.get(name, "") if name else "")
     if prompt_name not in profile.prompts:
         known = sorted(profile.prompts)
         hint = f"this model's prompts are {known}" if known else "this model has no prompts; omit prompt_name"
         raise InvalidRequest(f"unknown prompt_name {prompt_name!r}: {hint}", param="prompt_name")
-    return profile.prompts[prompt_name]
+    return Prompt(prompt_name, profile.prompts[prompt_name])
 
 
 def resolve_dimensions(profile: ModelProfile, dimensions: int | None) -> int:

@@ -19,9 +19,12 @@ from backends.base import Embeddings
 from backends.errors import BackendError, BackendMisconfigured, BadBackendOutput, InputRejected
 from gateway.errors import NoBackendAvailable
 from gateway.metrics import Metrics
+from gateway.pipeline import Prompt
 from gateway.state import BackendState
 
 log = logging.getLogger(__name__)
+
+NO_PROMPT = Prompt(None, "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,14 +61,16 @@ class Router:
         # Known-bad backends go last rather than away: when all look bad, trying is better than refusing.
         return sorted(self._by_model.get(model, []), key=lambda st: st.healthy is False)
 
-    async def embed(self, model: str, texts: list[str]) -> Routed:
+    async def embed(self, model: str, texts: list[str], prompt: Prompt = NO_PROMPT) -> Routed:
+        """Embed `texts` (without prompt) on the first backend of `model` that can serve them."""
         errors: list[str] = []
         retry_after = 1.0
         for attempt, st in enumerate(self.candidates(model)):
             backend = st.backend
             started = time.perf_counter()
             try:
-                out = await backend.embed(texts)
+                sent = texts if backend.applies_prompt else prompt.apply(texts)
+                out = await backend.embed(sent, prompt.name)
                 check_output(backend.name, out, len(texts), self._dimensions[model])
             except InputRejected as exc:
                 st.record_failure(exc.message, unhealthy=False)
@@ -75,8 +80,9 @@ class Router:
                 elapsed = time.perf_counter() - started
                 st.record_failure(exc.message, unhealthy=not isinstance(exc, BadBackendOutput))
                 self._metrics.backend_call(backend.name, exc.kind, elapsed)
-                level = logging.ERROR if isinstance(exc, BackendMisconfigured) else logging.WARNING
-                log.log(level, "backend %s failed (%s): %s", backend.name, exc.kind, exc.message)
+                if st.should_log(exc.message):
+                    level = logging.ERROR if isinstance(exc, BackendMisconfigured) else logging.WARNING
+                    log.log(level, "backend %s failed (%s): %s", backend.name, exc.kind, exc.message)
                 errors.append(f"{backend.name}: {exc.kind}")
                 retry_after = max(retry_after, getattr(exc, "retry_after", None) or 0.0)
                 continue

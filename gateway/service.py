@@ -8,7 +8,7 @@ import numpy as np
 
 from config.profiles import ModelProfile
 from gateway.errors import ModelNotFound
-from gateway.pipeline import EmbedRequest, apply_prompt, estimate_tokens, finish, resolve_dimensions, resolve_prompt
+from gateway.pipeline import EmbedRequest, estimate_tokens, finish, resolve_dimensions, resolve_prompt
 from gateway.router import Router
 
 
@@ -34,9 +34,8 @@ class EmbeddingService:
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
         profile = self.profile(req.model)
-        prefix = resolve_prompt(profile, req.prompt_name)
+        prompt = resolve_prompt(profile, req.prompt_name)
         dims = resolve_dimensions(profile, req.dimensions)
-        texts = apply_prompt(prefix, req.texts)
-        routed = await self.router.embed(req.model, texts)
-        tokens = routed.prompt_tokens if routed.prompt_tokens is not None else estimate_tokens(texts)
+        routed = await self.router.embed(req.model, req.texts, prompt)
+        tokens = routed.prompt_tokens if routed.prompt_tokens is not None else estimate_tokens(prompt.apply(req.texts))
         return EmbedResult(finish(routed.vectors, profile, dims), routed.backends, tokens)

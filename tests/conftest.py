@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 from backends.managed.models import prepare_gguf
 from backends.managed.process import LlamaCppProcess
+from tests.helpers import run_asgi
+from tests.servers.elastic import ElasticConfig, ElasticServer
+from tests.servers.tei import TeiConfig, TeiServer
 
 CACHE = Path(os.environ.get("EMBEDDING_GATEWAY_TEST_CACHE", "~/.cache/embedding-gateway")).expanduser()
 
@@ -52,3 +56,34 @@ def primary(llama_factory: Callable[..., LlamaCppProcess]) -> LlamaCppProcess:
 @pytest.fixture(scope="session")
 def fallback(llama_factory: Callable[..., LlamaCppProcess]) -> LlamaCppProcess:
     return llama_factory("fallback")
+
+
+@pytest.fixture
+def tei_factory(primary: LlamaCppProcess) -> Iterator[Callable[..., tuple[str, TeiServer]]]:
+    """Start TEI test servers over the primary llama.cpp; fail the test on any contract violation."""
+    with ExitStack() as stack:
+        servers: list[TeiServer] = []
+
+        def start(upstream: LlamaCppProcess | None = None, **config: object) -> tuple[str, TeiServer]:
+            server = TeiServer((upstream or primary).url, TeiConfig(**config))  # type: ignore[arg-type]
+            url, _ = stack.enter_context(run_asgi(server))
+            servers.append(server)
+            return url, server
+
+        yield start
+        assert [v for s in servers for v in s.violations] == []
+
+
+@pytest.fixture
+def es_factory(primary: LlamaCppProcess) -> Iterator[Callable[..., tuple[str, ElasticServer]]]:
+    with ExitStack() as stack:
+        servers: list[ElasticServer] = []
+
+        def start(upstream: LlamaCppProcess | None = None, **config: object) -> tuple[str, ElasticServer]:
+            server = ElasticServer((upstream or primary).url, ElasticConfig(**config))  # type: ignore[arg-type]
+            url, _ = stack.enter_context(run_asgi(server))
+            servers.append(server)
+            return url, server
+
+        yield start
+        assert [v for s in servers for v in s.violations] == []

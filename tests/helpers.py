@@ -34,30 +34,37 @@ class RunningGateway:
 
 
 @contextmanager
+def run_asgi(app: Any, *, log_level: str = "warning") -> Iterator[tuple[str, uvicorn.Server]]:
+    """Serve an ASGI app on a free loopback port in a background thread."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level=log_level, lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@contextmanager
 def run_gateway(settings: GatewaySettings | dict[str, Any], *, wait_ready: bool = True) -> Iterator[RunningGateway]:
     if isinstance(settings, dict):
         settings = GatewaySettings.model_validate(settings)
     app = create_app(settings)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    gw = RunningGateway(f"http://127.0.0.1:{port}", app, server)
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("gateway did not start")
-        time.sleep(0.02)
-    if wait_ready:
-        while httpx.get(f"{gw.url}/ready").status_code != 200:
+    with run_asgi(app) as (url, server):
+        gw = RunningGateway(url, app, server)
+        deadline = time.monotonic() + 60
+        while wait_ready and httpx.get(f"{gw.url}/ready").status_code != 200:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"gateway not ready: {httpx.get(f'{gw.url}/ready').text}")
             time.sleep(0.05)
-    try:
         yield gw
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def llamacpp_backend(name: str, url: str, model: str = "minilm", priority: int = 0, **kw: Any) -> dict[str, Any]:
@@ -85,3 +92,26 @@ def unit(m: np.ndarray) -> np.ndarray:
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(unit(a.astype(np.float64)) * unit(b.astype(np.float64)), axis=1)
+
+
+# The MiniLM GGUF under two profiles: as is, and with Matryoshka dimensions and prompts, to exercise
+# slicing and prompt application on a real model.
+MINILM = {"name": "minilm", "profile": "all-minilm-l6-v2"}
+MINILM_MRL = {
+    "name": "minilm-mrl",
+    "profile": "all-minilm-l6-v2",
+    "matryoshka_dimensions": [64, 128],
+    "prompts": {"query": "query: ", "document": "passage: "},
+    "default_prompt_name": "document",
+}
+TEXTS = ["The cat sat on the mat.", "Stock markets fell sharply today.", "naïve café ✓ 東京"]
+
+
+def embed(gw: RunningGateway, model: str, texts: list[str] | str, **extra: Any) -> httpx.Response:
+    return httpx.post(f"{gw.url}/v1/embeddings", json={"model": model, "input": texts, **extra}, timeout=60)
+
+
+def vectors_of(resp: httpx.Response) -> np.ndarray:
+    assert resp.status_code == 200, resp.text
+    data = sorted(resp.json()["data"], key=lambda d: d["index"])
+    return np.asarray([d["embedding"] for d in data], dtype=np.float32)

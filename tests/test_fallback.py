@@ -67,13 +67,14 @@ class FakeBackend:
     """An in-process backend for router-level faults the real server cannot be made to produce."""
 
     kind = "fake"
+    applies_prompt = False
 
     def __init__(self, name: str, priority: int, vectors: Callable[[int], np.ndarray] | Exception) -> None:
         self.name, self.model, self.priority = name, "m", priority
         self._vectors = vectors
         self.calls = 0
 
-    async def embed(self, texts: Sequence[str]) -> Embeddings:
+    async def embed(self, texts: Sequence[str], prompt_name: str | None = None) -> Embeddings:
         self.calls += 1
         if isinstance(self._vectors, Exception):
             raise self._vectors

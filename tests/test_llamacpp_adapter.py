@@ -137,4 +137,4 @@ async def test_requests_base64_and_sends_no_prompt_or_dimensions() -> None:
     import json
 
     body = json.loads(seen[0])
-    assert body == {"input": ["plain text"], "encoding_format": "base64"}
+    assert body == {"input": ["plain text"], "model": "m", "encoding_format": "base64"}

@@ -10,7 +10,7 @@ from hypothesis.extra.numpy import arrays
 
 from config import BUILTIN_PROFILES
 from gateway.errors import InvalidRequest
-from gateway.pipeline import apply_prompt, finish, resolve_dimensions, resolve_prompt
+from gateway.pipeline import Prompt, apply_prompt, finish, resolve_dimensions, resolve_prompt
 
 JINA = BUILTIN_PROFILES["jina-embeddings-v5-text-small-text-matching"]
 MINILM = BUILTIN_PROFILES["all-minilm-l6-v2"]
@@ -39,9 +39,9 @@ def test_finish_does_not_depend_on_backend_scale() -> None:
 
 
 def test_prompt_resolution() -> None:
-    assert resolve_prompt(JINA, None) == "Document: "
-    assert resolve_prompt(JINA, "query") == "Query: "
-    assert resolve_prompt(MINILM, None) == ""
+    assert resolve_prompt(JINA, None) == Prompt("document", "Document: ")
+    assert resolve_prompt(JINA, "query") == Prompt("query", "Query: ")
+    assert resolve_prompt(MINILM, None) == Prompt(None, "")
     with pytest.raises(InvalidRequest, match=r"\['document', 'query'\]"):
         resolve_prompt(JINA, "passage")
     with pytest.raises(InvalidRequest, match="no prompts"):
