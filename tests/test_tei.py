@@ -145,7 +145,7 @@ async def test_too_long_input_is_input_rejected_on_old_and_new_tei(tei_factory: 
 
 
 async def test_batch_size_error_is_not_blamed_on_the_input(tei_factory: TeiFactory) -> None:
-    url, server = tei_factory(max_client_batch_size=4)
+    url, _ = tei_factory(max_client_batch_size=4)
     a = adapter(url, max_batch_size=64)  # operator set a bigger limit than the server has
     a._info = {"max_client_batch_size": 64, "model_type": {"embedding": {}}}
     with pytest.raises(PayloadTooLarge, match="batch size 10 > maximum allowed batch size 4"):
