@@ -83,7 +83,7 @@ class ElasticAdapter:
     async def embed(self, texts: Sequence[str], prompt_name: str | None = None) -> Embeddings:
         input_type = self.config.input_types.get(prompt_name) if prompt_name else None
         limit = self.config.max_batch_size or len(texts) or 1
-        chunks = [list(texts[i : i + limit]) for i in range(0, len(texts), limit)]
+        chunks = [list(texts[i : i + limit]) for i in range(0, len(texts), limit)] or [[]]
         rows: list[Any] = []
         for chunk in chunks:
             rows.extend(await self._infer(chunk, input_type))
@@ -181,6 +181,10 @@ class ElasticAdapter:
         if status in (401, 403):
             return BackendMisconfigured(
                 self.name, f"authentication failed ({status}): check the credentials", status=status
+            )
+        if status in (404, 405) and exc.meta.headers.get("x-elastic-product") != "Elasticsearch":
+            return BackendMisconfigured(
+                self.name, f"the server at `url` is not Elasticsearch ({status} without X-Elastic-Product)"
             )
         if status == 404:
             return BackendMisconfigured(

@@ -22,6 +22,8 @@ def configure_logging(level: str) -> None:
     # One line per backend call from httpx would drown the log; our own messages say what matters.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("gguf").setLevel(logging.WARNING)
+    # elastic_transport logs every failed attempt; the gateway already logs each backend problem once.
+    logging.getLogger("elastic_transport").setLevel(logging.ERROR)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

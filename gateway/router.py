@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from backends.base import Embeddings
-from backends.errors import BackendError, BackendMisconfigured, BadBackendOutput, InputRejected
+from backends.errors import BackendError, BackendMisconfigured, BackendUnavailable, BadBackendOutput, InputRejected
 from gateway.errors import NoBackendAvailable
 from gateway.metrics import Metrics
 from gateway.pipeline import Prompt
@@ -76,7 +76,12 @@ class Router:
                 st.record_failure(exc.message, unhealthy=False)
                 self._metrics.backend_call(backend.name, exc.kind, time.perf_counter() - started)
                 raise
-            except BackendError as exc:
+            except Exception as exc:
+                if not isinstance(exc, BackendError):
+                    # An adapter bug must cost one backend attempt, not the client's request.
+                    if st.should_log(f"unexpected {type(exc).__name__}"):
+                        log.exception("backend %s raised an unexpected error", backend.name)
+                    exc = BackendUnavailable(backend.name, f"unexpected error: {type(exc).__name__}")
                 elapsed = time.perf_counter() - started
                 st.record_failure(exc.message, unhealthy=not isinstance(exc, BadBackendOutput))
                 self._metrics.backend_call(backend.name, exc.kind, elapsed)

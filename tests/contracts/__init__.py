@@ -1,7 +1,9 @@
 """Validation against the backends' published contracts (../shared/contracts, vendored here).
 
 Both files are OpenAPI 3.0 documents. Their schemas are JSON Schema plus OpenAPI's `nullable`,
-which is rewritten here into `anyOf [..., null]` so that `jsonschema` can check them.
+which is rewritten here into `anyOf [..., null]` so that `jsonschema` can check them. `oneOf` is read
+as `anyOf`: both generators emit `oneOf` for plain unions whose arms overlap (the ES spec's
+`reason: oneOf [string, nullable string]`, TEI's `Input` for `[]`), which real servers accept.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class ContractViolation(AssertionError):
 
 def _nullable(node: Any) -> Any:
     if isinstance(node, dict):
-        node = {k: _nullable(v) for k, v in node.items()}
+        node = {("anyOf" if k == "oneOf" else k): _nullable(v) for k, v in node.items()}
         if node.pop("nullable", False):
             return {"anyOf": [node, {"type": "null"}]}
         return node

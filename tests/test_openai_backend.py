@@ -1,0 +1,106 @@
+"""The OpenAI-compatible adapter: against llama.cpp's real OpenAI route, and vLLM/OpenAI error shapes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from backends.errors import BackendMisconfigured, BackendOverloaded, BackendUnavailable, InputRejected, PayloadTooLarge
+from backends.managed.process import LlamaCppProcess
+from backends.openai import OpenAICompatAdapter
+from config.backends import OpenAIBackend
+from tests.helpers import (
+    MINILM,
+    MINILM_MRL,
+    TEXTS,
+    cosines,
+    direct_embeddings,
+    embed,
+    run_gateway,
+    settings_for,
+    unit,
+    vectors_of,
+)
+
+
+def openai_backend(name: str, url: str, model: str = "minilm", **kw: object) -> dict[str, object]:
+    return {"name": name, "kind": "openai", "model": model, "url": url, **kw}
+
+
+def served_name(url: str) -> str:
+    return str(httpx.get(f"{url}/v1/models").json()["data"][0]["id"])
+
+
+def test_vectors_equal_the_server_behind_it(primary: LlamaCppProcess) -> None:
+    # llama.cpp's OpenAI route stands in for vLLM: same protocol, a real server. Like vLLM it lists
+    # the model it serves, and the adapter insists that `remote_model` is one of them.
+    name = served_name(primary.url)
+    backends = [
+        openai_backend("vllm-ish", primary.url + "/v1", "minilm", remote_model=name),
+        openai_backend("vllm-ish-mrl", primary.url, "minilm-mrl", remote_model=name),
+    ]
+    with run_gateway(settings_for(backends, [MINILM, MINILM_MRL])) as gw:
+        one = embed(gw, "minilm", "just one")
+        assert one.headers["x-embedding-backend"] == "vllm-ish"
+        assert cosines(vectors_of(one), direct_embeddings(primary.url, ["just one"])).min() >= 0.99999
+        batch = vectors_of(embed(gw, "minilm", TEXTS))
+        assert cosines(batch, direct_embeddings(primary.url, TEXTS)).min() >= 0.99999
+        cut = vectors_of(embed(gw, "minilm-mrl", TEXTS, dimensions=128, prompt_name="query"))
+        full = direct_embeddings(primary.url, ["query: " + t for t in TEXTS])
+        assert cosines(cut, unit(full[:, :128])).min() >= 0.99999
+
+
+def mocked(handler: Callable[[httpx.Request], httpx.Response], **kw: object) -> OpenAICompatAdapter:
+    cfg = OpenAIBackend.model_validate(openai_backend("o", "http://vllm.invalid", "m", **kw))
+    a = OpenAICompatAdapter(cfg)
+    a._client = httpx.AsyncClient(base_url="http://vllm.invalid", transport=httpx.MockTransport(handler))
+    return a
+
+
+async def test_request_shape_never_sends_null_encoding_format() -> None:
+    seen: list[dict[str, object]] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(req.content))
+        return httpx.Response(200, json={"data": [{"embedding": "AACAPw==", "index": 0}]})
+
+    await mocked(handler, remote_model="jinaai/jina-embeddings-v5-text-small-text-matching").embed(["x"])
+    assert seen == [
+        {"input": ["x"], "model": "jinaai/jina-embeddings-v5-text-small-text-matching", "encoding_format": "base64"}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "error", "says"),
+    [
+        (400, {"object": "error", "message": "maximum context length is 8192 tokens"}, InputRejected, "8192"),
+        (404, {"object": "error", "message": "The model `x` does not exist."}, BackendMisconfigured, "does not exist"),
+        # OpenAI echoes part of the key in its 401 message: the adapter never repeats the server's text.
+        (401, {"error": {"message": "Incorrect API key provided: sk-abc***"}}, BackendMisconfigured, "check api_key"),
+        (429, {"error": {"message": "Rate limit reached"}}, BackendOverloaded, "Rate limit"),
+        (413, {"error": {"message": "too big"}}, PayloadTooLarge, "too big"),
+        (502, {"error": {"message": "bad gateway"}}, BackendUnavailable, "502"),
+    ],
+)
+async def test_error_mapping(status: int, body: dict[str, object], error: type[Exception], says: str) -> None:
+    a = mocked(lambda _req: httpx.Response(status, json=body, headers={"Retry-After": "1"}))
+    with pytest.raises(error) as info:
+        await a.embed(["x"])
+    assert says in str(info.value) and "sk-abc" not in str(info.value)
+
+
+async def test_health_checks_the_served_model(primary: LlamaCppProcess) -> None:
+    good = OpenAICompatAdapter(
+        OpenAIBackend.model_validate(openai_backend("o", primary.url, "m", remote_model=served_name(primary.url)))
+    )
+    assert (await good.health()).ok
+    typo = OpenAICompatAdapter(
+        OpenAIBackend.model_validate(openai_backend("o", primary.url, "m", remote_model="jina-typo"))
+    )
+    with pytest.raises(BackendMisconfigured, match="'jina-typo' is not served here"):
+        await typo.health()
+    await good.aclose()
+    await typo.aclose()
