@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +145,43 @@ def test_models_and_backends_must_cross_reference() -> None:
                 "backends": [{"name": "x", "kind": "llamacpp", "model": "a", "url": "http://h"}],
             }
         )
+
+
+def test_env_references_in_strings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = EXACT_SHAPE.replace("priority = 0", 'priority = 0\napi_key = "${TEST_KEY}"')
+    monkeypatch.setenv("TEST_KEY", "s3cret")
+    key = load_settings(write(tmp_path, text)).backends[0].api_key
+    assert key is not None and key.get_secret_value() == "s3cret"
+    monkeypatch.delenv("TEST_KEY")
+    with pytest.raises(ConfigError, match=r"backends\[0\].api_key: environment variable TEST_KEY is not set"):
+        load_settings(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("backend", "needle"),
+    [
+        ({"kind": "tei"}, "url"),
+        ({"kind": "tei", "url": "http://t", "prompt_mode": "both"}, "prompt_mode"),
+        ({"kind": "elastic", "inference_id": "x"}, "exactly one of `url` or `cloud_id`"),
+        (
+            {
+                "kind": "elastic",
+                "url": "http://e",
+                "inference_id": "x",
+                "api_key": "a",
+                "username": "u",
+                "password": "p",
+            },
+            "at most one",
+        ),
+        ({"kind": "elastic", "url": "http://e"}, "inference_id"),
+        ({"kind": "openai"}, "url"),
+    ],
+)
+def test_backend_kinds_validate(tmp_path: Path, backend: dict[str, str], needle: str) -> None:
+    import json
+
+    table = "\n".join(f"{k} = {json.dumps(v)}" for k, v in {"name": "b", "model": "minilm", **backend}.items())
+    text = EXACT_SHAPE.split("[[backends]]")[0] + "[[backends]]\n" + table + "\n"
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_settings(write(tmp_path, text))
