@@ -81,12 +81,9 @@ class ElasticAdapter:
         await self._es.close()
 
     async def embed(self, texts: Sequence[str], prompt_name: str | None = None) -> Embeddings:
+        # Sub-batches arrive cut to `max_batch_size` by the router.
         input_type = self.config.input_types.get(prompt_name) if prompt_name else None
-        limit = self.config.max_batch_size or len(texts) or 1
-        chunks = [list(texts[i : i + limit]) for i in range(0, len(texts), limit)] or [[]]
-        rows: list[Any] = []
-        for chunk in chunks:
-            rows.extend(await self._infer(chunk, input_type))
+        rows = await self._infer(list(texts), input_type)
         if len(rows) != len(texts):
             raise BadBackendOutput(self.name, f"returned {len(rows)} embeddings for {len(texts)} inputs")
         return Embeddings(stack_rows(self.name, rows))  # the inference API reports no token usage

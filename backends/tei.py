@@ -17,7 +17,6 @@ from typing import Any
 
 import httpx
 import msgspec
-import numpy as np
 
 from backends.base import BackendInfo, Embeddings, Health
 from backends.errors import (
@@ -63,26 +62,9 @@ class TeiAdapter:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def _batch_limit(self) -> int:
-        if self._info is None:
-            try:
-                self._info = await self._get_info()
-            except BackendError:
-                self._info = {}
-        learned = int(self._info.get("max_client_batch_size") or 32)
-        return min(learned, self.config.max_batch_size or learned)
-
     async def embed(self, texts: Sequence[str], prompt_name: str | None = None) -> Embeddings:
-        # TEI refuses batches over max_client_batch_size (TEI #378): cut them to its size here.
-        limit = await self._batch_limit()
-        if len(texts) <= limit:
-            return await self._embed(texts, prompt_name)
-        parts = [await self._embed(texts[i : i + limit], prompt_name) for i in range(0, len(texts), limit)]
-        tokens = [p.prompt_tokens for p in parts]
-        total = sum(t for t in tokens if t is not None) if all(t is not None for t in tokens) else None
-        return Embeddings(np.concatenate([p.vectors for p in parts]), total)
-
-    async def _embed(self, texts: Sequence[str], prompt_name: str | None) -> Embeddings:
+        # Batches over TEI's max_client_batch_size (TEI #378) never get here: the router cuts
+        # sub-batches to the limit describe() reports; a stale limit comes back as PayloadTooLarge.
         body: dict[str, Any] = {"inputs": list(texts), "truncate": False, "normalize": True}
         if self.applies_prompt and prompt_name is not None:
             body["prompt_name"] = prompt_name
@@ -119,7 +101,9 @@ class TeiAdapter:
             model_id=info.get("model_id"),
             pooling=_POOLING.get(pooling, pooling) if isinstance(pooling, str) else None,
             max_input_tokens=info.get("max_input_length"),
-            max_batch_size=info.get("max_client_batch_size"),
+            max_batch_size=min(x for x in (info.get("max_client_batch_size"), self.config.max_batch_size) if x)
+            if info.get("max_client_batch_size") or self.config.max_batch_size
+            else None,
             extra={k: info.get(k) for k in ("version", "model_dtype", "auto_truncate", "max_batch_tokens")},
         )
 

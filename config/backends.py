@@ -16,8 +16,10 @@ class _Backend(BaseModel):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     model: str = Field(description="name of a [[models]] entry this backend serves")
     priority: int = Field(0, description="lower is tried first")
-    timeout_s: float = Field(30.0, gt=0, description="read timeout of one backend call")
-    connect_timeout_s: float = Field(2.0, gt=0)
+    # Short by default: with sub-batches of ~32 texts a healthy backend answers well within it, and a
+    # hanging one must not keep a client waiting long before the next backend is tried.
+    timeout_s: float = Field(5.0, gt=0, description="timeout of one backend call (one sub-batch)")
+    connect_timeout_s: float = Field(1.0, gt=0)
     max_batch_size: int | None = Field(None, gt=0, description="most texts sent in one backend call")
     api_key: SecretStr | None = None
 

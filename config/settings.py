@@ -28,10 +28,36 @@ class ServerSettings(BaseModel):
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0, description="larger request bodies get 413")
     max_inputs: int = Field(2048, gt=0, description="most texts in one client request")
-    health_interval_s: float = Field(5.0, gt=0, description="how often each backend's health is polled")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     default_model: str | None = Field(None, description="model for /embed requests that name none; default the first")
     shutdown_grace_s: float = Field(10.0, ge=0, description="how long in-flight requests may finish on SIGTERM")
+
+
+class ResilienceSettings(BaseModel):
+    """Retries, deadlines, circuit breakers, health checks, batching and hedging (all backends)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="deadline of one client request; the x-request-timeout header may lower it"
+    )
+    max_attempts: int = Field(4, ge=1, description="backend calls per sub-batch, across backends")
+    backoff_base_s: float = Field(0.05, ge=0, description="full-jitter exponential backoff base")
+    backoff_max_s: float = Field(2.0, ge=0)
+    breaker_consecutive_failures: int = Field(5, ge=1, description="open the circuit after this many failures in a row")
+    breaker_failure_ratio: float = Field(0.5, gt=0, le=1, description="...or this share of failures in the window")
+    breaker_window_s: float = Field(30.0, gt=0)
+    breaker_min_calls: int = Field(10, ge=1, description="calls in the window before the ratio counts")
+    breaker_cooldown_s: float = Field(2.0, gt=0, description="first open period; doubles on repeated trips")
+    breaker_cooldown_max_s: float = Field(60.0, gt=0)
+    health_interval_s: float = Field(5.0, gt=0, description="active health check period per backend")
+    health_timeout_s: float = Field(2.0, gt=0)
+    healthy_threshold: int = Field(2, ge=1, description="passing checks in a row to become healthy")
+    unhealthy_threshold: int = Field(2, ge=1, description="failing checks in a row to become unhealthy")
+    probe_text: str = Field("embedding-gateway health probe", min_length=1, description="the one-text embed probe")
+    batch_size: int = Field(32, ge=1, description="largest sub-batch when no backend states a limit")
+    subbatch_concurrency: int = Field(4, ge=1, description="sub-batches of one request in flight at once")
+    hedge_after_s: float | None = Field(None, gt=0, description="send a slow sub-batch to a second backend too (off)")
 
 
 class ModelConfig(BaseModel):
@@ -83,6 +109,7 @@ class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
 
     server: ServerSettings = ServerSettings()
+    resilience: ResilienceSettings = ResilienceSettings()
     models: list[ModelConfig] = Field(min_length=1)
     backends: list[BackendConfig] = Field(min_length=1)
 

@@ -37,3 +37,10 @@ class NoBackendAvailable(GatewayError):
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class DeadlineExceeded(GatewayError):
+    """The request's deadline passed before any backend answered: 504."""
+
+    status_code = 504
+    code = "deadline_exceeded"

@@ -1,4 +1,9 @@
-"""Background health polling: one loop, every backend checked concurrently, never blocking start-up."""
+"""Active health checks: one task per backend, never blocking start-up.
+
+Each check calls the backend's health route **and** embeds one probe text: a server can say "ok" and
+still fail to embed. Results move the backend between healthy and unhealthy (with thresholds), feed
+its circuit breaker (a passing probe closes a half-open circuit) and its latency EWMA.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,10 @@ import time
 from collections.abc import Callable, Sequence
 
 from backends.errors import BackendError, BackendMisconfigured
+from config.settings import ResilienceSettings
 from gateway.metrics import Metrics
+from gateway.resilience.breaker import CircuitState
+from gateway.router import check_output
 from gateway.state import BackendState
 
 log = logging.getLogger(__name__)
@@ -19,55 +27,93 @@ class HealthMonitor:
     def __init__(
         self,
         states: Sequence[BackendState],
-        interval_s: float,
+        settings: ResilienceSettings,
+        dimensions: dict[str, int],
         metrics: Metrics,
         supervisor_error: Callable[[str], str | None] = lambda _name: None,
+        on_change: Callable[[BackendState, bool], None] = lambda _st, _healthy: None,
     ) -> None:
         self._states = states
-        self._interval = interval_s
+        self._settings = settings
+        self._dimensions = dimensions
         self._metrics = metrics
         self._supervisor_error = supervisor_error
-        self._task: asyncio.Task[None] | None = None
+        self._on_change = on_change
+        self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="health-monitor")
+        self._tasks = [asyncio.create_task(self._loop(st), name=f"health-{st.backend.name}") for st in self._states]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
 
     async def check_all(self) -> None:
-        await asyncio.gather(*(self._check(st) for st in self._states))
+        await asyncio.gather(*(self.check(st) for st in self._states))
 
-    async def _loop(self) -> None:
+    async def _loop(self, st: BackendState) -> None:
+        s = self._settings
         while True:
-            await self.check_all()
-            # Poll quickly while something is down or unknown, so a backend that comes up (a managed
-            # server still loading, a restarted one) takes traffic within a second.
-            settled = all(st.healthy for st in self._states)
-            await asyncio.sleep(self._interval if settled else min(self._interval, 0.5))
+            await self.check(st)
+            # Check quickly while a backend is down or unknown, so one that comes back (a managed
+            # server still loading, a restarted one) takes traffic within about a second.
+            await asyncio.sleep(s.health_interval_s if st.healthy else min(s.health_interval_s, 0.5))
 
-    async def _check(self, st: BackendState) -> None:
+    async def check(self, st: BackendState) -> None:
         backend = st.backend
+        breaker = st.breaker
+        # An open circuit is left alone until its cool-down ends; then this check is its probe.
+        probing = breaker.state is CircuitState.HALF_OPEN and breaker.allow()
         started = time.perf_counter()
-        was = st.healthy
         misconfigured = False
         try:
-            h = await asyncio.wait_for(backend.health(), timeout=max(1.0, self._interval))
-            ok, detail = h.ok, h.detail
+            async with asyncio.timeout(self._settings.health_timeout_s):
+                health = await backend.health()
+                ok, detail = health.ok, health.detail
+                if ok:
+                    await self._probe(st)
         except BackendError as exc:
             ok, detail = False, exc.message
             misconfigured = isinstance(exc, BackendMisconfigured)
         except TimeoutError:
-            ok, detail = False, "health check timed out"
+            ok, detail = False, f"health check timed out after {self._settings.health_timeout_s:g}s"
+        except Exception as exc:  # a bug in one adapter must not kill the monitor
+            ok, detail = False, f"health check failed: {type(exc).__name__}"
+            log.exception("health check of %s raised", backend.name)
+        elapsed = time.perf_counter() - started
         if not ok and (sup := self._supervisor_error(backend.name)):
             detail = sup  # the supervisor knows why better than "connection refused" does
-        st.record_health(ok, detail, time.perf_counter() - started)
-        self._metrics.backend_healthy.labels(backend.name, backend.model).set(1 if ok else 0)
-        if ok and was is not True:
+        if ok:
+            st.observe_latency(elapsed)
+            if probing or breaker.state is CircuitState.CLOSED:
+                breaker.record_success()
+        else:
+            breaker.record_failure()
+        if probing and breaker.state is CircuitState.HALF_OPEN:
+            breaker.release()
+        changed = st.record_check(
+            ok,
+            detail,
+            healthy_threshold=self._settings.healthy_threshold,
+            unhealthy_threshold=self._settings.unhealthy_threshold,
+        )
+        self._metrics.backend_healthy.labels(backend.name, backend.model).set(1 if st.healthy else 0)
+        if changed is True:
             log.info("backend %s is healthy", backend.name)
         elif not ok and st.should_log(detail):
-            level = logging.ERROR if misconfigured else logging.WARNING
-            log.log(level, "backend %s is unhealthy: %s", backend.name, detail)
+            log.log(
+                logging.ERROR if misconfigured else logging.WARNING, "backend %s is unhealthy: %s", backend.name, detail
+            )
+        if changed is not None:
+            self._on_change(st, changed)
+
+    async def _probe(self, st: BackendState) -> None:
+        """Embed one text: proves the backend can embed, with the right dimension."""
+        out = await st.backend.embed([self._settings.probe_text], None)
+        check_output(st.backend.name, out, 1, self._dimensions[st.backend.model])
+        if st.info is None:
+            with contextlib.suppress(BackendError):
+                st.info = await st.backend.describe()

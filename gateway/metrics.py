@@ -45,6 +45,24 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.retries = Counter(
+            "embedding_gateway_retries_total",
+            "Backend attempts after the first, per sub-batch.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.hedges = Counter(
+            "embedding_gateway_hedges_total", "Hedged (duplicate) backend calls.", ["model"], registry=self.registry
+        )
+        self.circuit_trips = Counter(
+            "embedding_gateway_circuit_trips_total", "Circuit breaker openings.", ["backend"], registry=self.registry
+        )
+        self.circuit_open = Gauge(
+            "embedding_gateway_circuit_open",
+            "1 while the backend's circuit is open or half-open.",
+            ["backend"],
+            registry=self.registry,
+        )
         self.backend_healthy = Gauge(
             "embedding_gateway_backend_healthy",
             "1 when the backend's last health check passed.",

@@ -1,25 +1,45 @@
-"""Routing a canonical batch to the backends of its model.
+"""Routing one request to the backends of its model: the compatible set, sub-batches, policies.
 
-Simple fallback (issue 2): backends of one model are tried in priority order, known-unhealthy ones
-last; on a retryable failure (connection, timeout, 5xx, 429, bad output, misconfiguration) the next
-one serves. An input the backend rejects goes straight back to the client. Issue 4 replaces the
-policy with retries, circuit breakers and health-aware routing behind the same `embed()` seam.
+    members(model)   the model's compatible set (backends of the same profile; issue 5 narrows it to
+                     those that pass the agreement check) - no vector ever comes from outside it
+    split            sub-batches that fit every member's limits, run concurrently (bounded)
+    per sub-batch    AttemptPlan picks a backend (priority, health, circuit, latency x load);
+                     tenacity retries retryable failures on the next backend, backing off only when
+                     all were tried; PayloadTooLarge halves the sub-batch; optional hedging
+    reassemble       input order; x-embedding-backend lists every backend used
+If any sub-batch cannot be served, the whole request fails (503 + Retry-After, or 504 past the
+deadline): never partial data.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from backends.base import Embeddings
-from backends.errors import BackendError, BackendMisconfigured, BackendUnavailable, BadBackendOutput, InputRejected
-from gateway.errors import NoBackendAvailable
+from backends.errors import (
+    BackendError,
+    BackendMisconfigured,
+    BackendOverloaded,
+    BackendTimeout,
+    BackendUnavailable,
+    BadBackendOutput,
+    InputRejected,
+    PayloadTooLarge,
+)
+from gateway.errors import DeadlineExceeded, NoBackendAvailable
 from gateway.metrics import Metrics
 from gateway.pipeline import Prompt
+from gateway.resilience.balance import AttemptPlan
+from gateway.resilience.batching import split
+from gateway.resilience.deadline import Deadline
+from gateway.resilience.hedge import hedged
+from gateway.resilience.retry import RetryPolicy, retrying
 from gateway.state import BackendState
 
 log = logging.getLogger(__name__)
@@ -32,6 +52,15 @@ class Routed:
     vectors: np.ndarray
     backends: tuple[str, ...]
     prompt_tokens: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingPolicy:
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    batch_size: int = 32
+    subbatch_concurrency: int = 4
+    hedge_after_s: float | None = None
+    request_timeout_s: float = 30.0
 
 
 def check_output(backend: str, out: Embeddings, n: int, dimension: int) -> None:
@@ -47,57 +76,183 @@ def check_output(backend: str, out: Embeddings, n: int, dimension: int) -> None:
         raise BadBackendOutput(backend, "returned an all-zero vector")
 
 
+@dataclass(slots=True)
+class _Part:
+    vectors: np.ndarray
+    backends: list[str]
+    tokens: int | None
+
+
 class Router:
-    def __init__(self, states: Sequence[BackendState], dimensions: dict[str, int], metrics: Metrics) -> None:
+    def __init__(
+        self,
+        states: Sequence[BackendState],
+        dimensions: dict[str, int],
+        metrics: Metrics,
+        policy: RoutingPolicy | None = None,
+        members: Callable[[str, list[BackendState]], list[BackendState]] = lambda _model, group: group,
+    ) -> None:
         self._by_model: dict[str, list[BackendState]] = {}
         for st in states:
             self._by_model.setdefault(st.backend.model, []).append(st)
-        for group in self._by_model.values():
-            group.sort(key=lambda st: st.backend.priority)  # stable: config order breaks ties
         self._dimensions = dimensions
         self._metrics = metrics
+        self.policy = policy or RoutingPolicy()
+        self._members = members
 
-    def candidates(self, model: str) -> list[BackendState]:
-        # Known-bad backends go last rather than away: when all look bad, trying is better than refusing.
-        return sorted(self._by_model.get(model, []), key=lambda st: st.healthy is False)
+    def members(self, model: str) -> list[BackendState]:
+        """The model's compatible set: the only backends that may produce its vectors."""
+        return self._members(model, self._by_model.get(model, []))
 
-    async def embed(self, model: str, texts: list[str], prompt: Prompt = NO_PROMPT) -> Routed:
-        """Embed `texts` (without prompt) on the first backend of `model` that can serve them."""
-        errors: list[str] = []
-        retry_after = 1.0
-        for attempt, st in enumerate(self.candidates(model)):
-            backend = st.backend
-            started = time.perf_counter()
-            try:
-                sent = texts if backend.applies_prompt else prompt.apply(texts)
-                out = await backend.embed(sent, prompt.name)
-                check_output(backend.name, out, len(texts), self._dimensions[model])
-            except InputRejected as exc:
-                st.record_failure(exc.message, unhealthy=False)
-                self._metrics.backend_call(backend.name, exc.kind, time.perf_counter() - started)
+    def deadline(self, seconds: float | None = None) -> Deadline:
+        return Deadline(min(seconds, self.policy.request_timeout_s) if seconds else self.policy.request_timeout_s)
+
+    async def embed(
+        self, model: str, texts: list[str], prompt: Prompt = NO_PROMPT, deadline: Deadline | None = None
+    ) -> Routed:
+        """Embed `texts` (without prompt) on the model's compatible backends; vectors in input order."""
+        deadline = deadline or self.deadline()
+        members = self.members(model)
+        if not members:
+            raise NoBackendAvailable(f"model {model!r} has no compatible backend in service", retry_after=5)
+        slices = split(texts, self._chunk_size(members), self._token_budget(members))
+        if len(slices) == 1:
+            part = await self._subbatch(model, members, texts, prompt, deadline)
+            return Routed(part.vectors, tuple(part.backends), part.tokens)
+        gate = asyncio.Semaphore(self.policy.subbatch_concurrency)
+
+        async def run(sl: slice) -> _Part:
+            async with gate:
+                return await self._subbatch(model, members, texts[sl], prompt, deadline)
+
+        tasks = [asyncio.ensure_future(run(sl)) for sl in slices]
+        try:
+            parts = await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:  # one sub-batch failed: the request fails whole, stop the others
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        used = list(dict.fromkeys(name for p in parts for name in p.backends))
+        tokens = [p.tokens for p in parts]
+        total = sum(t for t in tokens if t is not None) if all(t is not None for t in tokens) else None
+        return Routed(np.concatenate([p.vectors for p in parts]), tuple(used), total)
+
+    def _chunk_size(self, members: list[BackendState]) -> int:
+        limits = [self.policy.batch_size]
+        for st in members:
+            configured = getattr(getattr(st.backend, "config", None), "max_batch_size", None)
+            learned = st.info.max_batch_size if st.info else None
+            limits += [x for x in (configured, learned) if x]
+        return min(limits)
+
+    def _token_budget(self, members: list[BackendState]) -> int | None:
+        budgets = [b for st in members if st.info and isinstance(b := st.info.extra.get("max_batch_tokens"), int)]
+        return min(budgets) if budgets else None
+
+    async def _subbatch(
+        self, model: str, members: list[BackendState], texts: list[str], prompt: Prompt, deadline: Deadline
+    ) -> _Part:
+        plan = AttemptPlan(members)
+        last: BackendError | None = None
+        try:
+            async for attempt in retrying(self.policy.retry, deadline, plan.has_untried):
+                with attempt:
+                    if attempt.retry_state.attempt_number > 1:
+                        self._metrics.retries.labels(model).inc()
+                    st = plan.take()
+                    if st is None:
+                        raise NoBackendAvailable(
+                            f"no backend of model {model!r} is available (circuits open or unhealthy)",
+                            retry_after=plan.retry_after(),
+                        )
+                    first = attempt.retry_state.attempt_number == 1
+                    part = await self._attempt(model, st, plan, texts, prompt, deadline)
+                    if not first:
+                        self._metrics.fallback(model)
+                    return part
+        except PayloadTooLarge as exc:
+            if len(texts) == 1:
+                raise InputRejected(exc.backend, f"input too large for the backend: {exc.message}") from exc
+            half = len(texts) // 2
+            a = await self._subbatch(model, members, texts[:half], prompt, deadline)
+            b = await self._subbatch(model, members, texts[half:], prompt, deadline)
+            tokens = a.tokens + b.tokens if a.tokens is not None and b.tokens is not None else None
+            return _Part(np.concatenate([a.vectors, b.vectors]), a.backends + b.backends, tokens)
+        except BackendError as exc:
+            if isinstance(exc, InputRejected):
                 raise
-            except Exception as exc:
-                if not isinstance(exc, BackendError):
-                    # An adapter bug must cost one backend attempt, not the client's request.
-                    if st.should_log(f"unexpected {type(exc).__name__}"):
-                        log.exception("backend %s raised an unexpected error", backend.name)
-                    exc = BackendUnavailable(backend.name, f"unexpected error: {type(exc).__name__}")
-                elapsed = time.perf_counter() - started
-                st.record_failure(exc.message, unhealthy=not isinstance(exc, BadBackendOutput))
-                self._metrics.backend_call(backend.name, exc.kind, elapsed)
-                if st.should_log(exc.message):
-                    level = logging.ERROR if isinstance(exc, BackendMisconfigured) else logging.WARNING
-                    log.log(level, "backend %s failed (%s): %s", backend.name, exc.kind, exc.message)
-                errors.append(f"{backend.name}: {exc.kind}")
-                retry_after = max(retry_after, getattr(exc, "retry_after", None) or 0.0)
-                continue
-            elapsed = time.perf_counter() - started
-            st.record_success(elapsed)
-            self._metrics.backend_call(backend.name, "ok", elapsed)
-            if attempt:
-                self._metrics.fallback(model)
-            return Routed(out.vectors, (backend.name,), out.prompt_tokens)
+            last = exc
+        if deadline.expired:
+            raise DeadlineExceeded(f"no backend of model {model!r} answered within the request's deadline")
+        retry_after = getattr(last, "retry_after", None) or plan.retry_after()
+        detail = f"{last.backend}: {last.kind}" if last else "no attempt"
         raise NoBackendAvailable(
-            f"no backend of model {model!r} could serve the request ({'; '.join(errors) or 'none configured'})",
-            retry_after=retry_after,
+            f"no backend of model {model!r} could serve the request (last: {detail})", retry_after=retry_after
         )
+
+    async def _attempt(
+        self, model: str, st: BackendState, plan: AttemptPlan, texts: list[str], prompt: Prompt, deadline: Deadline
+    ) -> _Part:
+        hedge_after = self.policy.hedge_after_s
+        if hedge_after is None or not plan.has_untried():
+            return await self._call(model, st, texts, prompt, deadline)
+
+        async def backup() -> _Part:
+            other = plan.take()
+            if other is None:
+                return await asyncio.Future()  # nobody to hedge with: let the first call decide
+            self._metrics.hedges.labels(model).inc()
+            return await self._call(model, other, texts, prompt, deadline)
+
+        return await hedged(lambda: self._call(model, st, texts, prompt, deadline), backup, hedge_after)
+
+    async def _call(self, model: str, st: BackendState, texts: list[str], prompt: Prompt, deadline: Deadline) -> _Part:
+        """One backend call with the breaker's permission already taken; outcome recorded everywhere."""
+        backend = st.backend
+        sent = texts if backend.applies_prompt else prompt.apply(texts)
+        st.in_flight += 1
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(deadline.remaining() or 0.001):
+                out = await backend.embed(sent, prompt.name)
+            check_output(backend.name, out, len(texts), self._dimensions[model])
+        except asyncio.CancelledError:
+            st.breaker.release()
+            raise
+        except Exception as exc:
+            error = self._classify(backend.name, exc)
+            self._failed(st, error, time.perf_counter() - started)
+            raise error from exc
+        finally:
+            st.in_flight -= 1
+        elapsed = time.perf_counter() - started
+        st.breaker.record_success()
+        st.record_success(elapsed)
+        self._metrics.backend_call(backend.name, "ok", elapsed)
+        return _Part(out.vectors, [backend.name], out.prompt_tokens)
+
+    def _classify(self, backend: str, exc: Exception) -> BackendError:
+        if isinstance(exc, BackendError):
+            return exc
+        if isinstance(exc, TimeoutError):
+            return BackendTimeout(backend, "no answer within the request's deadline")
+        # An adapter bug must cost one backend attempt, not the client's request.
+        log.exception("backend %s raised an unexpected error", backend, exc_info=exc)
+        return BackendUnavailable(backend, f"unexpected error: {type(exc).__name__}")
+
+    def _failed(self, st: BackendState, error: BackendError, elapsed: float) -> None:
+        self._metrics.backend_call(st.backend.name, error.kind, elapsed)
+        if isinstance(error, InputRejected):
+            st.breaker.record_success()  # the backend answered sensibly; the input was at fault
+            return
+        if isinstance(error, PayloadTooLarge):
+            st.breaker.release()
+            st.info = None  # its limits changed under us: the next health check learns them again
+            return
+        hold = error.retry_after if isinstance(error, BackendOverloaded) else None
+        st.breaker.record_failure(hold_open_s=hold)
+        st.record_failure(error.message)
+        if st.should_log(error.message):
+            level = logging.ERROR if isinstance(error, BackendMisconfigured) else logging.WARNING
+            log.log(level, "backend %s failed (%s): %s", st.backend.name, error.kind, error.message)

@@ -17,7 +17,9 @@ from config.backends import LlamaCppBackend
 from config.settings import GatewaySettings
 from gateway.health import HealthMonitor
 from gateway.metrics import Metrics
-from gateway.router import Router
+from gateway.resilience.breaker import BreakerPolicy, CircuitBreaker
+from gateway.resilience.retry import RetryPolicy
+from gateway.router import Router, RoutingPolicy
 from gateway.service import EmbeddingService
 from gateway.state import BackendState
 
@@ -57,12 +59,32 @@ class Runtime:
                 self.supervisors[cfg.name] = sup
                 url = sup.url
             backends.append(create_backend(cfg, url=url))
-        self.states = [BackendState(b) for b in backends]
+        r = self.settings.resilience
+        breaker_policy = BreakerPolicy(
+            consecutive_failures=r.breaker_consecutive_failures,
+            failure_ratio=r.breaker_failure_ratio,
+            window_s=r.breaker_window_s,
+            min_calls=r.breaker_min_calls,
+            cooldown_s=r.breaker_cooldown_s,
+            cooldown_max_s=r.breaker_cooldown_max_s,
+        )
+        trips = self.metrics.circuit_trips
+        self.states = [
+            BackendState(b, breaker=CircuitBreaker(breaker_policy, on_trip=trips.labels(b.name).inc)) for b in backends
+        ]
         dims = {name: p.dimension for name, p in self.profiles.items()}
-        self._service = EmbeddingService(self.profiles, Router(self.states, dims, self.metrics))
+        policy = RoutingPolicy(
+            retry=RetryPolicy(r.max_attempts, r.backoff_base_s, r.backoff_max_s),
+            batch_size=r.batch_size,
+            subbatch_concurrency=r.subbatch_concurrency,
+            hedge_after_s=r.hedge_after_s,
+            request_timeout_s=r.request_timeout_s,
+        )
+        self._service = EmbeddingService(self.profiles, Router(self.states, dims, self.metrics, policy))
         self.health = HealthMonitor(
             self.states,
-            self.settings.server.health_interval_s,
+            r,
+            dims,
             self.metrics,
             supervisor_error=lambda name: s.error if (s := self.supervisors.get(name)) else None,
         )

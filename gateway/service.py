@@ -32,10 +32,11 @@ class EmbeddingService:
                 f"model {model!r} does not exist; known models: {sorted(self.profiles)}", param="model"
             ) from None
 
-    async def embed(self, req: EmbedRequest) -> EmbedResult:
+    async def embed(self, req: EmbedRequest, timeout_s: float | None = None) -> EmbedResult:
+        """`timeout_s` (from x-request-timeout) may lower the configured request deadline."""
         profile = self.profile(req.model)
         prompt = resolve_prompt(profile, req.prompt_name)
         dims = resolve_dimensions(profile, req.dimensions)
-        routed = await self.router.embed(req.model, req.texts, prompt)
+        routed = await self.router.embed(req.model, req.texts, prompt, self.router.deadline(timeout_s))
         tokens = routed.prompt_tokens if routed.prompt_tokens is not None else estimate_tokens(prompt.apply(req.texts))
         return EmbedResult(finish(routed.vectors, profile, dims), routed.backends, tokens)

@@ -1,23 +1,31 @@
-"""What the gateway knows about each backend right now: fed by health polls and by real traffic."""
+"""What the gateway knows about each backend right now: fed by health checks and by real traffic."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
-from backends.base import Backend
+from backends.base import Backend, BackendInfo
+from gateway.resilience.breaker import CircuitBreaker
+
+_EWMA_ALPHA = 0.3
 
 
 @dataclass
 class BackendState:
     backend: Backend
-    healthy: bool | None = None  # None until the first health poll or request says otherwise
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
+    healthy: bool | None = None  # None until the first health check (or request) says otherwise
+    info: BackendInfo | None = None  # what the backend says about itself (limits, pooling...)
     last_error: str | None = None
     last_error_at: float | None = None
     last_latency_ms: float | None = None
+    latency_ewma_ms: float | None = None
     last_check_at: float | None = None
+    in_flight: int = 0
     requests: int = 0
     failures: int = 0
+    check_streak: int = 0  # consecutive health results of the same sign: +n passing, -n failing
     _logged_error: str | None = field(default=None, repr=False)
 
     def should_log(self, message: str) -> bool:
@@ -27,26 +35,38 @@ class BackendState:
         self._logged_error = message
         return True
 
+    def observe_latency(self, seconds: float) -> None:
+        ms = seconds * 1000
+        self.last_latency_ms = round(ms, 3)
+        prev = self.latency_ewma_ms
+        self.latency_ewma_ms = round(ms if prev is None else _EWMA_ALPHA * ms + (1 - _EWMA_ALPHA) * prev, 3)
+
     def record_success(self, latency_s: float) -> None:
         self.requests += 1
-        self.healthy = True
+        self.observe_latency(latency_s)
+        if self.healthy is None:
+            self.healthy = True
         self._logged_error = None
-        self.last_latency_ms = round(latency_s * 1000, 3)
 
-    def record_failure(self, message: str, *, unhealthy: bool) -> None:
+    def record_failure(self, message: str) -> None:
         self.requests += 1
         self.failures += 1
         self.last_error = message
         self.last_error_at = time.time()
-        if unhealthy:
-            self.healthy = False
 
-    def record_health(self, ok: bool, detail: str, latency_s: float) -> None:
-        self.healthy = ok
+    def record_check(self, ok: bool, detail: str, *, healthy_threshold: int, unhealthy_threshold: int) -> bool | None:
+        """Apply one health-check result; returns the new `healthy` when it changed, else None."""
         self.last_check_at = time.time()
-        if ok:
-            self._logged_error = None
-        self.last_latency_ms = round(latency_s * 1000, 3) if self.last_latency_ms is None else self.last_latency_ms
+        self.check_streak = max(1, self.check_streak + 1) if ok else min(-1, self.check_streak - 1)
         if not ok:
-            self.last_error = detail
-            self.last_error_at = self.last_check_at
+            self.last_error, self.last_error_at = detail, self.last_check_at
+        before = self.healthy
+        if before is None:  # the first verdict is decisive: start-up must not wait for thresholds
+            self.healthy = ok
+        elif ok and not before and self.check_streak >= healthy_threshold:
+            self.healthy = True
+        elif not ok and before and -self.check_streak >= unhealthy_threshold:
+            self.healthy = False
+        if self.healthy:
+            self._logged_error = None
+        return self.healthy if self.healthy is not before else None

@@ -72,10 +72,19 @@ def llamacpp_backend(name: str, url: str, model: str = "minilm", priority: int =
 
 
 def settings_for(
-    backends: list[dict[str, Any]], models: list[dict[str, Any]] | None = None, **server: Any
+    backends: list[dict[str, Any]],
+    models: list[dict[str, Any]] | None = None,
+    resilience: dict[str, Any] | None = None,
+    **server: Any,
 ) -> dict[str, Any]:
     models = models or [{"name": "minilm", "profile": "all-minilm-l6-v2"}]
-    return {"server": {"health_interval_s": 0.5, **server}, "models": models, "backends": backends}
+    # Fast health checks keep tests short; everything else is the production default.
+    return {
+        "server": server,
+        "resilience": {"health_interval_s": 0.5, **(resilience or {})},
+        "models": models,
+        "backends": backends,
+    }
 
 
 def direct_embeddings(url: str, texts: list[str]) -> np.ndarray:

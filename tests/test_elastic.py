@@ -33,7 +33,7 @@ from tests.helpers import (
     unit,
     vectors_of,
 )
-from tests.servers.base import Fault
+from tests.servers.base import Fault, traffic
 from tests.servers.elastic import ElasticServer
 
 EsFactory = Callable[..., tuple[str, ElasticServer]]
@@ -63,7 +63,7 @@ def test_vectors_equal_llamacpp_with_input_types(es_factory: EsFactory, primary:
     assert cosines(docs, direct_embeddings(primary.url, ["passage: " + t for t in TEXTS])).min() >= 0.99999
     full_q = direct_embeddings(primary.url, ["query: " + t for t in TEXTS])
     assert queries.shape == (3, 128) and cosines(queries, unit(full_q[:, :128])).min() >= 0.99999
-    sent = [json.loads(r.body) for r in server.received if r.method == "POST"]
+    sent = traffic(server)
     # minilm has no prompts: no input_type; minilm-mrl maps document->ingest, query->search; texts stay plain.
     assert [s.get("input_type") for s in sent] == [None, "ingest", "search"]
     assert sent[1]["input"] == TEXTS and sent[2]["input"] == TEXTS
@@ -79,7 +79,7 @@ async def test_older_clients_without_input_type_kwarg_use_perform_request(
     a._native_input_type = False  # as on elasticsearch-py < 8.19.2 / 9.1.2
     out = await a.embed(TEXTS, "query")
     assert cosines(out.vectors, direct_embeddings(primary.url, ["query: " + t for t in TEXTS])).min() >= 0.99999
-    assert json.loads(server.received[-1].body) == {"input": TEXTS, "input_type": "search"}
+    assert traffic(server)[-1] == {"input": TEXTS, "input_type": "search"}
     await a.aclose()
 
 

@@ -17,7 +17,7 @@ from tests.conftest import CACHE
 from tests.helpers import run_gateway
 
 MANAGED = {
-    "server": {"health_interval_s": 0.5},
+    "resilience": {"health_interval_s": 0.5},
     "models": [{"name": "all-minilm-l6-v2", "profile": "all-minilm-l6-v2"}],
     "backends": [
         {

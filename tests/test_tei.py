@@ -33,7 +33,7 @@ from tests.helpers import (
     unit,
     vectors_of,
 )
-from tests.servers.base import Fault
+from tests.servers.base import Fault, traffic
 from tests.servers.tei import TeiServer
 
 TeiFactory = Callable[..., tuple[str, TeiServer]]
@@ -64,10 +64,10 @@ def test_vectors_equal_llamacpp_single_batched_and_sliced(tei_factory: TeiFactor
         assert sliced.shape == (3, 64)
         assert cosines(sliced, unit(full[:, :64])).min() >= 0.99999
     # The gateway never asked TEI to add a prompt, cut dimensions or truncate.
-    bodies = [r.body for r in server.received if r.path == "/embed"]
-    assert bodies and all(b'"prompt_name"' not in b and b'"dimensions"' not in b for b in bodies)
-    assert all(b'"truncate":false' in b for b in bodies)
-    assert max(len(__import__("json").loads(b)["inputs"]) for b in bodies) == 32
+    bodies = traffic(server)
+    assert bodies and all("prompt_name" not in b and "dimensions" not in b for b in bodies)
+    assert all(b["truncate"] is False for b in bodies)
+    assert max(len(b["inputs"]) for b in bodies) == 32
 
 
 def test_prompt_mode_backend_lets_tei_apply_the_prompt(tei_factory: TeiFactory, primary: LlamaCppProcess) -> None:
@@ -78,9 +78,7 @@ def test_prompt_mode_backend_lets_tei_apply_the_prompt(tei_factory: TeiFactory, 
         d = vectors_of(embed(gw, "minilm-mrl", TEXTS))
     assert cosines(q, direct_embeddings(primary.url, ["query: " + t for t in TEXTS])).min() >= 0.99999
     assert cosines(d, direct_embeddings(primary.url, ["passage: " + t for t in TEXTS])).min() >= 0.99999
-    import json
-
-    sent = [json.loads(r.body) for r in server.received if r.path == "/embed"]
+    sent = traffic(server)
     assert [s["prompt_name"] for s in sent] == ["query", "document"]
     assert all(s["inputs"] == TEXTS for s in sent)  # plain texts: the gateway added nothing
 
@@ -146,12 +144,23 @@ async def test_too_long_input_is_input_rejected_on_old_and_new_tei(tei_factory: 
 
 async def test_batch_size_error_is_not_blamed_on_the_input(tei_factory: TeiFactory) -> None:
     url, _ = tei_factory(max_client_batch_size=4)
-    a = adapter(url, max_batch_size=64)  # operator set a bigger limit than the server has
-    a._info = {"max_client_batch_size": 64, "model_type": {"embedding": {}}}
+    a = adapter(url)
     with pytest.raises(PayloadTooLarge, match="batch size 10 > maximum allowed batch size 4"):
         await a.embed([f"t{i}" for i in range(10)])
-    assert (await a.embed([f"t{i}" for i in range(10)])).vectors.shape == (10, 384)  # limits re-learned
+    assert (await a.describe()).max_batch_size == 4
     await a.aclose()
+
+
+def test_router_fits_sub_batches_to_learned_and_stale_limits(tei_factory: TeiFactory, primary: LlamaCppProcess) -> None:
+    url, server = tei_factory(max_client_batch_size=4)
+    texts = [f"text number {i}" for i in range(10)]
+    with run_gateway(settings_for([tei_backend("tei", url)])) as gw:
+        got = vectors_of(embed(gw, "minilm", texts))  # limit learned from /info: sub-batches of 4
+        assert cosines(got, direct_embeddings(primary.url, texts)).min() >= 0.99999
+        server.config.max_client_batch_size = 3  # the server changed under us: 413/422, halve, succeed
+        got = vectors_of(embed(gw, "minilm", texts))
+        assert cosines(got, direct_embeddings(primary.url, texts)).min() >= 0.99999
+    assert max(len(b["inputs"]) for b in traffic(server)) <= 4
 
 
 async def test_wrong_api_key_is_misconfigured(tei_factory: TeiFactory) -> None:

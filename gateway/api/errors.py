@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +54,7 @@ class Problem:
 
 def classify(exc: Exception) -> Problem:
     if isinstance(exc, NoBackendAvailable):
-        return Problem(503, exc.message, exc.code, headers={"Retry-After": str(max(1, round(exc.retry_after)))})
+        return Problem(503, exc.message, exc.code, headers={"Retry-After": str(max(1, math.ceil(exc.retry_after)))})
     if isinstance(exc, GatewayError):
         return Problem(exc.status_code, exc.message, exc.code, exc.param)
     if isinstance(exc, InputRejected):

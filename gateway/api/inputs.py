@@ -23,6 +23,21 @@ def decode_body(body: bytes, struct: type[msgspec.Struct]) -> Any:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
 
 
+def request_timeout(value: str | None) -> float | None:
+    """`x-request-timeout` in seconds: lowers the request's deadline (never raises it)."""
+    if value is None or value == "":
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        raise InvalidRequest(
+            f"x-request-timeout must be a positive number of seconds, got {value!r}", param="x-request-timeout"
+        )
+    return seconds
+
+
 def parse_texts(value: Any, param: str, max_inputs: int) -> list[str]:
     """A string or a non-empty list of non-empty strings; token-id arrays are refused by name."""
     if value is None or value is msgspec.UNSET:

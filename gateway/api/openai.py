@@ -8,7 +8,7 @@ from typing import Any, Literal
 import msgspec
 from litestar import Request, Response, post
 
-from gateway.api.inputs import decode_body, parse_texts
+from gateway.api.inputs import decode_body, parse_texts, request_timeout
 from gateway.errors import InvalidRequest
 from gateway.pipeline import EmbedRequest
 from gateway.runtime import Runtime
@@ -74,5 +74,5 @@ def render(result: EmbedResult, req: EmbedRequest) -> bytes:
 async def create_embeddings(request: Request[Any, Any, Any]) -> Response[bytes]:
     runtime: Runtime = request.app.state.runtime
     req = to_request(await request.body(), runtime.settings.server.max_inputs)
-    result = await runtime.service.embed(req)
+    result = await runtime.service.embed(req, request_timeout(request.headers.get("x-request-timeout")))
     return Response(render(result, req), media_type="application/json", headers=runtime.result_headers(result))

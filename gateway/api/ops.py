@@ -24,7 +24,7 @@ async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     rt = _runtime(request)
     healthy: dict[str, list[str]] = {m: [] for m in rt.profiles}
     for st in rt.states:
-        if st.healthy:
+        if st.healthy and st.breaker.available():
             healthy[st.backend.model].append(st.backend.name)
     lacking = sorted(m for m, names in healthy.items() if not names)
     body: dict[str, Any] = {"status": "not ready" if lacking else "ready", "models": healthy}
@@ -68,10 +68,14 @@ async def backends(request: Request[Any, Any, Any]) -> dict[str, Any]:
             "url": b.public_url(),
             "priority": b.priority,
             "healthy": st.healthy,
+            "circuit": str(st.breaker.state),
+            "circuit_trips": st.breaker.trips,
             "last_error": st.last_error,
             "last_error_at": st.last_error_at,
-            "last_latency_ms": st.last_latency_ms,
             "last_check_at": st.last_check_at,
+            "last_latency_ms": st.last_latency_ms,
+            "latency_ewma_ms": st.latency_ewma_ms,
+            "in_flight": st.in_flight,
             "requests": st.requests,
             "failures": st.failures,
         }
@@ -87,4 +91,7 @@ async def backends(request: Request[Any, Any, Any]) -> dict[str, Any]:
 
 @get("/metrics", media_type="text/plain; version=0.0.4")
 async def metrics(request: Request[Any, Any, Any]) -> bytes:
-    return _runtime(request).metrics.render()
+    rt = _runtime(request)
+    for st in rt.states:  # circuit state is derived (open -> half-open happens by the clock): read it now
+        rt.metrics.circuit_open.labels(st.backend.name).set(0 if str(st.breaker.state) == "closed" else 1)
+    return rt.metrics.render()

@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 from litestar import Request, Response, post
 
-from gateway.api.inputs import decode_body, parse_texts
+from gateway.api.inputs import decode_body, parse_texts, request_timeout
 from gateway.errors import InvalidRequest
 from gateway.pipeline import EmbedRequest
 from gateway.runtime import Runtime
@@ -45,7 +45,7 @@ async def embed(request: Request[Any, Any, Any]) -> Response[bytes]:
     runtime: Runtime = request.app.state.runtime
     server = runtime.settings.server
     req = to_request(await request.body(), runtime.default_model, server.max_inputs)
-    result = await runtime.service.embed(req)
+    result = await runtime.service.embed(req, request_timeout(request.headers.get("x-request-timeout")))
     return Response(
         _encode(result.vectors.tolist()), media_type="application/json", headers=runtime.result_headers(result)
     )

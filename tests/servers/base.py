@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 from collections.abc import Awaitable, Callable
@@ -62,7 +63,7 @@ class ContractServer:
 
     # -- fault injection ------------------------------------------------------------------------
     def inject(self, fault: Fault) -> None:
-        self.faults.append(fault)
+        self.faults.append(dataclasses.replace(fault))  # a copy: tests share Fault constants
 
     def clear(self) -> None:
         self.faults.clear()
@@ -188,3 +189,12 @@ def nan_json(rows: list[list[float]]) -> list[list[float]]:
     rows = [list(r) for r in rows]
     rows[0][0] = math.nan  # serialized by json.dumps as the non-standard literal NaN
     return rows
+
+
+PROBE_TEXT = "embedding-gateway health probe"
+
+
+def traffic(server: ContractServer, method: str = "POST") -> list[dict[str, Any]]:
+    """JSON bodies the server received, leaving out the gateway's health-check probes."""
+    bodies = [json.loads(r.body) for r in server.received if r.method == method and r.body]
+    return [b for b in bodies if PROBE_TEXT not in json.dumps(b)]
