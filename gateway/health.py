@@ -68,7 +68,7 @@ class HealthMonitor:
         # An open circuit is left alone until its cool-down ends; then this check is its probe.
         probing = breaker.state is CircuitState.HALF_OPEN and breaker.allow()
         started = time.perf_counter()
-        misconfigured = False
+        misconfigured = timed_out = False
         try:
             async with asyncio.timeout(self._settings.health_timeout_s):
                 health = await backend.health()
@@ -79,7 +79,11 @@ class HealthMonitor:
             ok, detail = False, exc.message
             misconfigured = isinstance(exc, BackendMisconfigured)
         except TimeoutError:
-            ok, detail = False, f"health check timed out after {self._settings.health_timeout_s:g}s"
+            # A probe that queued behind real traffic which is being served means busy, not broken:
+            # a real embedding just succeeded, which proves more than the probe would have.
+            timed_out = True
+            ok = time.monotonic() - st.last_success_at < self._settings.health_timeout_s
+            detail = "" if ok else f"health check timed out after {self._settings.health_timeout_s:g}s"
         except Exception as exc:  # a bug in one adapter must not kill the monitor
             ok, detail = False, f"health check failed: {type(exc).__name__}"
             log.exception("health check of %s raised", backend.name)
@@ -87,7 +91,8 @@ class HealthMonitor:
         if not ok and (sup := self._supervisor_error(backend.name)):
             detail = sup  # the supervisor knows why better than "connection refused" does
         if ok:
-            st.observe_latency(elapsed)
+            if not timed_out:
+                st.observe_latency(elapsed)
             if probing or breaker.state is CircuitState.CLOSED:
                 breaker.record_success()
         else:

@@ -22,6 +22,7 @@ class BackendState:
     last_latency_ms: float | None = None
     latency_ewma_ms: float | None = None
     last_check_at: float | None = None
+    last_success_at: float = -1e18  # time.monotonic() of the last real request it served
     in_flight: int = 0
     requests: int = 0
     failures: int = 0
@@ -43,6 +44,7 @@ class BackendState:
 
     def record_success(self, latency_s: float) -> None:
         self.requests += 1
+        self.last_success_at = time.monotonic()
         self.observe_latency(latency_s)
         if self.healthy is None:
             self.healthy = True
