@@ -23,12 +23,20 @@ class ModelProfile(BaseModel):
     default_prompt_name: str | None = None
     max_input_tokens: int = Field(gt=0)
     normalize: bool = Field(True, description="return L2-normalized vectors")
+    # Agreement thresholds on the cosine of two backends' vectors for one probe (jina-v5.md §9):
+    # at or above `warn_cosine` they agree; down to `agree_cosine` it is precision drift (still one
+    # space); below `error_cosine` it is a configuration error, not numerical noise.
+    agree_cosine: float = Field(0.99, gt=0, le=1)
+    warn_cosine: float = Field(0.999, gt=0, le=1)
+    error_cosine: float = Field(0.97, gt=0, le=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelProfile:
         too_big = [d for d in self.matryoshka_dimensions if d <= 0 or d > self.dimension]
         if too_big:
             raise ValueError(f"matryoshka_dimensions {too_big} must lie in 1..{self.dimension}")
+        if not self.error_cosine <= self.agree_cosine <= self.warn_cosine:
+            raise ValueError("thresholds must satisfy error_cosine <= agree_cosine <= warn_cosine")
         if self.default_prompt_name is not None and self.default_prompt_name not in self.prompts:
             raise ValueError(
                 f"default_prompt_name {self.default_prompt_name!r} is not one of prompts {sorted(self.prompts)}"

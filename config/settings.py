@@ -60,6 +60,18 @@ class ResilienceSettings(BaseModel):
     hedge_after_s: float | None = Field(None, gt=0, description="send a slow sub-batch to a second backend too (off)")
 
 
+class ConsistencySettings(BaseModel):
+    """The agreement checker: when it runs and what it enforces."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="check backends against the reference and quarantine disagreeing ones")
+    interval_s: float = Field(300.0, gt=0, description="re-check every backend this often")
+    require_verification: bool = Field(
+        True, description="a backend serves only after it passed a check (the reference always serves)"
+    )
+
+
 class ModelConfig(BaseModel):
     """A model clients can ask for: a built-in profile, inline fields overriding it, or both."""
 
@@ -74,6 +86,13 @@ class ModelConfig(BaseModel):
     default_prompt_name: str | None = None
     max_input_tokens: int | None = None
     normalize: bool | None = None
+    agree_cosine: float | None = None
+    warn_cosine: float | None = None
+    error_cosine: float | None = None
+    reference: str | None = Field(None, description="backend the others are checked against; default first by priority")
+    reference_gguf: Path | None = Field(
+        None, description="GGUF of the model: lets the checker reproduce other poolings to name a pooling mismatch"
+    )
 
     _resolved: ModelProfile | None = PrivateAttr(None)
 
@@ -84,7 +103,7 @@ class ModelConfig(BaseModel):
             if self.profile not in BUILTIN_PROFILES:
                 raise ValueError(f"unknown profile {self.profile!r}; built-in profiles: {sorted(BUILTIN_PROFILES)}")
             base = BUILTIN_PROFILES[self.profile].model_dump()
-        overrides = self.model_dump(exclude={"name", "profile"}, exclude_none=True)
+        overrides = self.model_dump(exclude={"name", "profile", "reference", "reference_gguf"}, exclude_none=True)
         # New prompts invalidate the profile's default unless it still names one of them.
         if (
             "prompts" in overrides
@@ -110,6 +129,7 @@ class GatewaySettings(BaseSettings):
 
     server: ServerSettings = ServerSettings()
     resilience: ResilienceSettings = ResilienceSettings()
+    consistency: ConsistencySettings = ConsistencySettings()
     models: list[ModelConfig] = Field(min_length=1)
     backends: list[BackendConfig] = Field(min_length=1)
 
@@ -123,6 +143,10 @@ class GatewaySettings(BaseSettings):
                 raise ValueError(
                     f"backend {b.name!r} serves model {b.model!r}, which is not in [[models]] {model_names}"
                 )
+        for m in self.models:
+            own = [b.name for b in self.backends if b.model == m.name]
+            if m.reference is not None and m.reference not in own:
+                raise ValueError(f"models {m.name!r}: reference {m.reference!r} is not one of its backends {own}")
         if self.server.default_model is not None and self.server.default_model not in model_names:
             raise ValueError(f"server.default_model {self.server.default_model!r} is not in [[models]] {model_names}")
         served = {b.model for b in self.backends}

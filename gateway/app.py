@@ -6,7 +6,7 @@ from litestar import Litestar
 from litestar.datastructures import State
 
 from config.settings import GatewaySettings
-from gateway.api import errors, ops
+from gateway.api import consistency, errors, ops
 from gateway.api.context import RequestContext
 from gateway.api.openai import create_embeddings
 from gateway.api.tei import embed
@@ -16,7 +16,17 @@ from gateway.runtime import Runtime
 def create_app(settings: GatewaySettings) -> RequestContext:
     runtime = Runtime(settings)
     app = Litestar(
-        route_handlers=[create_embeddings, embed, ops.health, ops.ready, ops.models, ops.backends, ops.metrics],
+        route_handlers=[
+            create_embeddings,
+            embed,
+            ops.health,
+            ops.ready,
+            ops.models,
+            ops.backends,
+            ops.metrics,
+            consistency.last_reports,
+            consistency.check_now,
+        ],
         exception_handlers={Exception: errors.handle},
         request_max_body_size=settings.server.max_body_bytes,
         lifespan=[runtime.lifespan],

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,6 +91,7 @@ class Router:
         metrics: Metrics,
         policy: RoutingPolicy | None = None,
         members: Callable[[str, list[BackendState]], list[BackendState]] = lambda _model, group: group,
+        gate: Callable[[str, float], Awaitable[None]] | None = None,
     ) -> None:
         self._by_model: dict[str, list[BackendState]] = {}
         for st in states:
@@ -99,6 +100,7 @@ class Router:
         self._metrics = metrics
         self.policy = policy or RoutingPolicy()
         self._members = members
+        self._gate = gate  # e.g. wait for the model's first agreement check at start-up
 
     def members(self, model: str) -> list[BackendState]:
         """The model's compatible set: the only backends that may produce its vectors."""
@@ -112,7 +114,11 @@ class Router:
     ) -> Routed:
         """Embed `texts` (without prompt) on the model's compatible backends; vectors in input order."""
         deadline = deadline or self.deadline()
+        if self._gate is not None:
+            await self._gate(model, deadline.remaining())
         members = self.members(model)
+        if not members and deadline.expired:
+            raise DeadlineExceeded(f"no backend of model {model!r} was verified within the request's deadline")
         if not members:
             raise NoBackendAvailable(f"model {model!r} has no compatible backend in service", retry_after=5)
         slices = split(texts, self._chunk_size(members), self._token_budget(members))
@@ -139,12 +145,7 @@ class Router:
         return Routed(np.concatenate([p.vectors for p in parts]), tuple(used), total)
 
     def _chunk_size(self, members: list[BackendState]) -> int:
-        limits = [self.policy.batch_size]
-        for st in members:
-            configured = getattr(getattr(st.backend, "config", None), "max_batch_size", None)
-            learned = st.info.max_batch_size if st.info else None
-            limits += [x for x in (configured, learned) if x]
-        return min(limits)
+        return min([self.policy.batch_size] + [x for st in members if (x := st.batch_limit())])
 
     def _token_budget(self, members: list[BackendState]) -> int | None:
         budgets = [b for st in members if st.info and isinstance(b := st.info.extra.get("max_batch_tokens"), int)]

@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from backends import Backend, create_backend
 from backends.managed.supervisor import Supervisor
 from config.backends import LlamaCppBackend
 from config.settings import GatewaySettings
+from gateway.consistency.service import ConsistencyService
 from gateway.health import HealthMonitor
 from gateway.metrics import Metrics
 from gateway.resilience.breaker import BreakerPolicy, CircuitBreaker
@@ -32,7 +34,8 @@ log = logging.getLogger(__name__)
 
 
 class Runtime:
-    def __init__(self, settings: GatewaySettings, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: GatewaySettings, metrics: Metrics | None = None, *, background: bool = True) -> None:
+        self.background = background  # False for one-shot commands (`check`): no polling loops
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.profiles = {m.name: m.resolved for m in settings.models}
@@ -41,6 +44,7 @@ class Runtime:
         self.states: list[BackendState] = []
         self._service: EmbeddingService | None = None
         self.health: HealthMonitor | None = None
+        self.consistency: ConsistencyService | None = None
 
     @property
     def service(self) -> EmbeddingService:
@@ -80,18 +84,49 @@ class Runtime:
             hedge_after_s=r.hedge_after_s,
             request_timeout_s=r.request_timeout_s,
         )
-        self._service = EmbeddingService(self.profiles, Router(self.states, dims, self.metrics, policy))
+        self.consistency = ConsistencyService(
+            self.settings.consistency,
+            self.profiles,
+            self.states,
+            {m.name: m.reference for m in self.settings.models},
+            gguf_for=self._gguf_for,
+        )
+        router = Router(
+            self.states,
+            dims,
+            self.metrics,
+            policy,
+            members=self.consistency.members,
+            gate=self.consistency.wait_bootstrap,
+        )
+        self._service = EmbeddingService(self.profiles, router)
         self.health = HealthMonitor(
             self.states,
             r,
             dims,
             self.metrics,
             supervisor_error=lambda name: s.error if (s := self.supervisors.get(name)) else None,
+            on_change=self.consistency.backend_recovered,
         )
-        self.health.start()
+        if self.background:
+            self.health.start()
+            self.consistency.start()
         log.info("gateway serving models %s over backends %s", sorted(self.profiles), [b.name for b in backends])
 
+    def _gguf_for(self, model: str) -> Path | None:
+        """The model's GGUF, when the gateway has one: configured, or a managed backend's."""
+        cfg = next(m for m in self.settings.models if m.name == model)
+        if cfg.reference_gguf is not None:
+            return cfg.reference_gguf.expanduser()
+        for b in self.settings.backends:
+            sup = self.supervisors.get(b.name)
+            if b.model == model and sup is not None and sup.process.gguf.is_file():
+                return sup.process.gguf
+        return None
+
     async def stop(self) -> None:
+        if self.consistency is not None:
+            await self.consistency.stop()
         if self.health is not None:
             await self.health.stop()
         for st in self.states:

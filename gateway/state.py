@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from backends.base import Backend, BackendInfo
+from gateway.consistency.report import Verdict
 from gateway.resilience.breaker import CircuitBreaker
 
 _EWMA_ALPHA = 0.3
@@ -27,6 +28,8 @@ class BackendState:
     requests: int = 0
     failures: int = 0
     check_streak: int = 0  # consecutive health results of the same sign: +n passing, -n failing
+    agreement: Verdict = Verdict.PENDING  # the agreement checker's verdict against the reference
+    agreement_detail: str | None = None
     _logged_error: str | None = field(default=None, repr=False)
 
     def should_log(self, message: str) -> bool:
@@ -35,6 +38,13 @@ class BackendState:
             return False
         self._logged_error = message
         return True
+
+    def batch_limit(self) -> int | None:
+        """Most texts per call: the configured `max_batch_size` or what the backend reported, lower wins."""
+        configured = getattr(getattr(self.backend, "config", None), "max_batch_size", None)
+        learned = self.info.max_batch_size if self.info else None
+        limits = [x for x in (configured, learned) if x]
+        return min(limits) if limits else None
 
     def observe_latency(self, seconds: float) -> None:
         ms = seconds * 1000

@@ -60,11 +60,19 @@ def run_gateway(settings: GatewaySettings | dict[str, Any], *, wait_ready: bool 
     with run_asgi(app) as (url, server):
         gw = RunningGateway(url, app, server)
         deadline = time.monotonic() + 60
-        while wait_ready and httpx.get(f"{gw.url}/ready").status_code != 200:
+        while wait_ready and not _settled(gw.url):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"gateway not ready: {httpx.get(f'{gw.url}/ready').text}")
             time.sleep(0.05)
         yield gw
+
+
+def _settled(url: str) -> bool:
+    """Ready, and the agreement checker's first pass is done (so fallbacks are verified)."""
+    if httpx.get(f"{url}/ready").status_code != 200:
+        return False
+    body = httpx.get(f"{url}/v1/consistency").json()
+    return not body["enabled"] or all("checked_at" in r for r in body["data"])
 
 
 def llamacpp_backend(name: str, url: str, model: str = "minilm", priority: int = 0, **kw: Any) -> dict[str, Any]:

@@ -80,7 +80,24 @@ def test_base64_decodes_to_exactly_the_float_response(gw: RunningGateway) -> Non
     r = post(gw, {"model": "minilm", "input": TEXTS, "encoding_format": "base64"})
     decoded = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in r.json()["data"]])
     assert decoded.dtype == np.float32
-    np.testing.assert_array_equal(decoded, floats)
+    # Two requests: llama.cpp's numerics vary slightly with what else shares its batch (health and
+    # agreement probes run beside); bit-exactness of the two encodings is tested on one result below.
+    assert cosines(decoded, floats).min() >= 0.99999
+
+
+def test_base64_and_float_encode_the_same_float32_bits() -> None:
+    from gateway.api.openai import render
+    from gateway.pipeline import EmbedRequest
+    from gateway.service import EmbedResult
+
+    rng = np.random.default_rng(3)
+    result = EmbedResult(rng.normal(size=(4, 384)).astype(np.float32), ("b",), 7)
+    as_float = json.loads(render(result, EmbedRequest("m", ["x"] * 4, encoding="float")))
+    as_b64 = json.loads(render(result, EmbedRequest("m", ["x"] * 4, encoding="base64")))
+    floats = np.asarray([d["embedding"] for d in as_float["data"]], dtype=np.float32)
+    decoded = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in as_b64["data"]])
+    np.testing.assert_array_equal(decoded, result.vectors)
+    np.testing.assert_array_equal(floats, result.vectors)
 
 
 def test_dimensions_slice_and_renormalize(gw: RunningGateway) -> None:

@@ -179,7 +179,9 @@ def test_misconfigured_backends_log_once_and_say_why(
         llamacpp_backend("good", primary.url, priority=3),
     ]
     caplog.set_level(logging.INFO)
-    with run_gateway(settings_for(backends), wait_ready=True) as gw:
+    # The reference defines the space; it must be one that works (the others cannot be verified).
+    models = [{**MINILM, "reference": "good"}]
+    with run_gateway(settings_for(backends, models), wait_ready=True) as gw:
         for _ in range(15):
             r = embed(gw, "minilm", "x")
             assert r.status_code == 200 and r.headers["x-embedding-backend"] == "good"

@@ -9,7 +9,7 @@ import pytest
 from openai import NotFoundError, OpenAI
 
 from backends.managed.process import LlamaCppProcess
-from tests.helpers import RunningGateway, llamacpp_backend, run_gateway, settings_for
+from tests.helpers import RunningGateway, cosines, llamacpp_backend, run_gateway, settings_for
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,9 @@ def test_sdk_default_base64_equals_float(gw: RunningGateway) -> None:
     a = np.asarray([d.embedding for d in default.data], dtype=np.float32)
     b = np.asarray([d.embedding for d in floats.data], dtype=np.float32)
     assert a.shape == (3, 384)
-    np.testing.assert_array_equal(a, b)
+    # Two requests to llama.cpp, whose last bits vary with batch composition (llama.cpp #26282);
+    # that both encodings carry identical float32 bits is proven on one result in test_api.py.
+    assert cosines(a, b).min() >= 0.99999 and np.abs(a - b).max() < 1e-3
     assert default.usage.prompt_tokens > 0 and default.model == "minilm"
 
 

@@ -169,8 +169,11 @@ def test_nothing_left_gives_a_clean_504_or_503_never_a_hang() -> None:
             )
             assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
             assert 1.4 < time.monotonic() - t0 < 4
+            t0 = time.monotonic()
             tei = httpx.post(f"{gw.url}/embed", json={"inputs": "x"}, headers={"x-request-timeout": "1"}, timeout=30)
-            assert tei.status_code == 504 and set(tei.json()) == {"error", "error_type"}
+            # By now the health check has called it down: no backend left, a clean 503 at once (or 504).
+            assert tei.status_code in (503, 504) and set(tei.json()) == {"error", "error_type"}
+            assert time.monotonic() - t0 < 2
             bad = httpx.post(
                 f"{gw.url}/v1/embeddings", json={"model": "minilm", "input": "x"}, headers={"x-request-timeout": "soon"}
             )

@@ -15,7 +15,16 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.metrics import Metrics
 
 _HEADER = b"x-request-id"
-_KNOWN_ROUTES = {"/v1/embeddings", "/embed", "/v1/models", "/v1/backends", "/health", "/ready", "/metrics"}
+_KNOWN_ROUTES = {
+    "/v1/embeddings",
+    "/embed",
+    "/v1/models",
+    "/v1/backends",
+    "/v1/consistency",
+    "/health",
+    "/ready",
+    "/metrics",
+}
 
 
 class RequestContext:

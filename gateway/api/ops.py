@@ -23,13 +23,18 @@ async def health() -> dict[str, str]:
 async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     rt = _runtime(request)
     healthy: dict[str, list[str]] = {m: [] for m in rt.profiles}
-    for st in rt.states:
-        if st.healthy and st.breaker.available():
-            healthy[st.backend.model].append(st.backend.name)
+    router = rt.service.router
+    for model in healthy:
+        for st in router.members(model):  # only the compatible set counts
+            if st.healthy and st.breaker.available():
+                healthy[model].append(st.backend.name)
     lacking = sorted(m for m, names in healthy.items() if not names)
     body: dict[str, Any] = {"status": "not ready" if lacking else "ready", "models": healthy}
     if lacking:
         body["models_without_healthy_backend"] = lacking
+    quarantined = [st.backend.name for st in rt.states if str(st.agreement) == "disagree"]
+    if quarantined:
+        body["quarantined"] = quarantined
     return Response(body, status_code=503 if lacking else 200)
 
 
@@ -69,6 +74,8 @@ async def backends(request: Request[Any, Any, Any]) -> dict[str, Any]:
             "priority": b.priority,
             "healthy": st.healthy,
             "circuit": str(st.breaker.state),
+            "agreement": str(st.agreement),
+            "agreement_detail": st.agreement_detail,
             "circuit_trips": st.breaker.trips,
             "last_error": st.last_error,
             "last_error_at": st.last_error_at,

@@ -59,6 +59,7 @@ class ContractServer:
         self.faults: list[Fault] = []
         self.received: list[Incoming] = []
         self.violations: list[str] = []
+        self.faults_hit_probes = False
         self._client: httpx.AsyncClient | None = None
 
     # -- fault injection ------------------------------------------------------------------------
@@ -138,8 +139,14 @@ class ContractServer:
         reply = await self.route(req)
         await self._send(send, reply)
 
-    async def apply_fault(self, good: Callable[[], Awaitable[Reply]]) -> Reply:
-        """Run an embedding handler under the next injected fault, if any."""
+    async def apply_fault(self, good: Callable[[], Awaitable[Reply]], req: Incoming | None = None) -> Reply:
+        """Run an embedding handler under the next injected fault, if any.
+
+        The gateway's own health and agreement probes are spared unless `faults_hit_probes` is set, so a
+        one-shot fault meets the client request the test sends rather than a background probe.
+        """
+        if req is not None and not self.faults_hit_probes and is_probe(req.body):
+            return await good()
         fault = self.take_fault()
         if fault is None:
             return await good()
@@ -192,9 +199,15 @@ def nan_json(rows: list[list[float]]) -> list[list[float]]:
 
 
 PROBE_TEXT = "embedding-gateway health probe"
+# Every batch of the agreement checker's probes holds one of these (gateway/consistency/probes.py).
+_CHECKER_MARKS = ("A beautiful sunset over the beach", "Golden sunlight melts into the horizon")
+
+
+def is_probe(body: bytes) -> bool:
+    text = body.decode("utf-8", "replace")
+    return any(m in text for m in (PROBE_TEXT, *_CHECKER_MARKS))
 
 
 def traffic(server: ContractServer, method: str = "POST") -> list[dict[str, Any]]:
-    """JSON bodies the server received, leaving out the gateway's health-check probes."""
-    bodies = [json.loads(r.body) for r in server.received if r.method == method and r.body]
-    return [b for b in bodies if PROBE_TEXT not in json.dumps(b)]
+    """JSON bodies the server received, leaving out the gateway's health and agreement probes."""
+    return [json.loads(r.body) for r in server.received if r.method == method and r.body and not is_probe(r.body)]

@@ -97,7 +97,7 @@ class ElasticServer(ContractServer):
         if req.method == "GET":
             return self.endpoint_info()
         if req.method == "POST":
-            return await self.apply_fault(lambda: self.infer(req))
+            return await self.apply_fault(lambda: self.infer(req), req)
         return self.error(405, "illegal_argument_exception", f"method [{req.method}] not allowed")
 
     def endpoint_info(self) -> Reply:

@@ -67,7 +67,7 @@ class TeiServer(ContractServer):
         if req.method == "GET" and req.path == "/info":
             return self.info()
         if req.method == "POST" and req.path == "/embed":
-            return await self.apply_fault(lambda: self.embed(req))
+            return await self.apply_fault(lambda: self.embed(req), req)
         return Reply(404, b"", content_type=None)
 
     def info(self) -> Reply:

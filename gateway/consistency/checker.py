@@ -1,0 +1,439 @@
+"""One agreement check of one model's backends against its reference.
+
+static      each backend's own metadata (TEI /info, llama.cpp /props, ES endpoint settings)
+            against the profile: dimension, pooling, input limit
+probes      the built-in probe set through every backend via the canonical pipeline (prompt
+            applied per backend mode, then L2-normalized), for each of the model's prompts
+compare     per pair and per probe: cosine; min/mean; raw norms; a pairwise min-cosine matrix
+diagnose    dimension; prompt missing, doubled or wrong (the reference re-embeds each variant:
+            the one that matches names the cause); truncation (only long probes disagree);
+            pooling (reported by the backend, or reproduced from the GGUF); normalization;
+            precision drift; otherwise a different model
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from backends.base import BackendInfo
+from backends.errors import BackendError, BadBackendOutput, InputRejected, PayloadTooLarge
+from config.profiles import ModelProfile
+from gateway.consistency.pooling import POOLINGS, reproduce
+from gateway.consistency.probes import Probe, probe_set
+from gateway.consistency.report import BackendResult, Finding, Report, Verdict
+from gateway.router import check_output
+from gateway.state import BackendState
+
+log = logging.getLogger(__name__)
+
+_CALL_TIMEOUT_S = 60.0
+_CHUNK = 16
+
+
+@dataclass
+class _Vectors:
+    """One backend's unit vectors per (prompt name, probe index); raw norms; rejected probes."""
+
+    rows: dict[tuple[str | None, int], np.ndarray]
+    norms: list[float]
+    rejected: set[int]
+
+
+class Checker:
+    def __init__(
+        self,
+        model: str,
+        profile: ModelProfile,
+        states: Sequence[BackendState],
+        reference: str | None = None,
+        gguf: Path | None = None,
+    ) -> None:
+        self.model = model
+        self.profile = profile
+        self.states = sorted(states, key=lambda st: st.backend.priority)
+        self.reference_name = reference or (self.states[0].backend.name if self.states else None)
+        self.gguf = gguf
+
+    # -- the check -------------------------------------------------------------------------------
+    async def run(self) -> Report:
+        started = time.perf_counter()
+        p = self.profile
+        report = Report(
+            self.model,
+            None,
+            {"agree_cosine": p.agree_cosine, "warn_cosine": p.warn_cosine, "error_cosine": p.error_cosine},
+        )
+        infos = await asyncio.gather(*(self._describe(st) for st in self.states if st.healthy is not False))
+        infos = self._align(infos)
+        limits = [p.max_input_tokens] + [i.max_input_tokens for i in infos if i and i.max_input_tokens]
+        probes = probe_set(min(limits))
+        report.probes = len(probes)
+        for st, info in zip(self.states, infos, strict=True):
+            report.findings += self._static(st, info)
+        prompt_names: list[str | None] = list(p.prompts) or [None]
+        vectors: dict[str, _Vectors | BackendError] = {}
+        # A backend known to be down is not waited for: it is checked again when it recovers.
+        down = BackendError("", "unhealthy: it will be checked when it recovers")
+        live = [st for st in self.states if st.healthy is not False]
+        results = await asyncio.gather(*(self._vectors(st, probes, prompt_names) for st in live))
+        for st in self.states:
+            vectors[st.backend.name] = down
+        for st, res in zip(live, results, strict=True):
+            vectors[st.backend.name] = res
+        ref_state = next((st for st in self.states if st.backend.name == self.reference_name), None)
+        ref = vectors.get(self.reference_name or "")
+        if isinstance(ref, _Vectors) and ref_state is not None:
+            report.reference = self.reference_name
+        for st in self.states:
+            name = st.backend.name
+            res = vectors[name]
+            if isinstance(res, BackendError):
+                report.backends.append(self._failed(st, res, report))
+                continue
+            norms = (round(min(res.norms), 4), round(max(res.norms), 4)) if res.norms else None
+            dim = next(iter(res.rows.values())).shape[0] if res.rows else None
+            if name == self.reference_name:
+                report.backends.append(BackendResult(name, st.backend.kind, Verdict.REFERENCE, 1.0, 1.0, dim, norms))
+            elif not isinstance(ref, _Vectors) or ref_state is None:
+                err = "the reference could not be checked, so this backend cannot be verified"
+                report.backends.append(
+                    BackendResult(name, st.backend.kind, Verdict.ERROR, dimension=dim, norm_range=norms, error=err)
+                )
+            else:
+                report.backends.append(
+                    await self._judge(st, res, ref, probes, prompt_names, report, ref_state, norms, dim)
+                )
+            if norms and (norms[0] < 0.98 or norms[1] > 1.02):
+                report.findings.append(
+                    Finding(
+                        name,
+                        "normalization",
+                        "info",
+                        f"returns unnormalized vectors (norms {norms[0]} to {norms[1]}); the gateway "
+                        "L2-normalizes every vector, so this alone does not change the space",
+                    )
+                )
+        report.matrix_names = [st.backend.name for st in self.states]
+        report.matrix = [
+            [self._pair_min(vectors[a], vectors[b]) for b in report.matrix_names] for a in report.matrix_names
+        ]
+        report.duration_ms = round((time.perf_counter() - started) * 1000, 1)
+        return report
+
+    # -- gathering -------------------------------------------------------------------------------
+    def _align(self, infos: list[BackendInfo | None]) -> list[BackendInfo | None]:
+        """Describe results for the live backends, spread back over all of them (None for the down)."""
+        it = iter(infos)
+        return [next(it) if st.healthy is not False else None for st in self.states]
+
+    async def _describe(self, st: BackendState) -> BackendInfo | None:
+        try:
+            async with asyncio.timeout(5):
+                info = await st.backend.describe()
+            st.info = info
+            return info
+        except (BackendError, TimeoutError):
+            return st.info
+
+    def _static(self, st: BackendState, info: BackendInfo | None) -> list[Finding]:
+        if info is None:
+            return []
+        p, name, out = self.profile, st.backend.name, []
+        if info.dimension is not None and info.dimension != p.dimension:
+            out.append(
+                Finding(
+                    name,
+                    "dimension",
+                    "error",
+                    f"reports dimension {info.dimension}; the model profile says {p.dimension}",
+                )
+            )
+        if info.pooling is not None and info.pooling != p.pooling:
+            out.append(
+                Finding(
+                    name, "pooling", "error", f"reports pooling '{info.pooling}'; the model profile says '{p.pooling}'"
+                )
+            )
+        if info.max_input_tokens is not None and info.max_input_tokens < p.max_input_tokens:
+            out.append(
+                Finding(
+                    name,
+                    "input_limit",
+                    "info",
+                    f"accepts at most {info.max_input_tokens} tokens per input (profile: {p.max_input_tokens}); longer "
+                    "inputs are rejected there and served by another backend",
+                )
+            )
+        return out
+
+    async def _embed(self, st: BackendState, texts: list[str], prompt_name: str | None) -> np.ndarray:
+        """Raw vectors of `texts` (prompt already applied as the backend expects), checked for shape."""
+        size = min(_CHUNK, st.batch_limit() or _CHUNK)
+        parts = []
+        i = 0
+        while i < len(texts):
+            chunk = texts[i : i + size]
+            try:
+                async with asyncio.timeout(_CALL_TIMEOUT_S):
+                    out = await st.backend.embed(chunk, prompt_name)
+            except PayloadTooLarge:
+                if size == 1:
+                    raise
+                size = max(1, size // 2)  # its limit is lower than it said: smaller batches
+                continue
+            check_output(st.backend.name, out, len(chunk), self.profile.dimension)
+            parts.append(out.vectors.astype(np.float64))
+            i += len(chunk)
+        return np.concatenate(parts)
+
+    async def _vectors(
+        self, st: BackendState, probes: list[Probe], prompt_names: list[str | None]
+    ) -> _Vectors | BackendError:
+        rows: dict[tuple[str | None, int], np.ndarray] = {}
+        norms: list[float] = []
+        rejected: set[int] = set()
+        try:
+            for pname in prompt_names:
+                prefix = self.profile.prompts.get(pname, "") if pname else ""
+                short = [i for i, pr in enumerate(probes) if not pr.long]
+                texts = [self._send(st, prefix, probes[i].text) for i in short]
+                for i, v in zip(short, await self._embed(st, texts, pname), strict=True):
+                    rows[(pname, i)] = v
+                for i in (i for i, pr in enumerate(probes) if pr.long):
+                    try:
+                        rows[(pname, i)] = (await self._embed(st, [self._send(st, prefix, probes[i].text)], pname))[0]
+                    except InputRejected:
+                        rejected.add(i)  # a limit, not a disagreement: such inputs go elsewhere
+        except BackendError as exc:
+            return exc
+        except TimeoutError:
+            return BackendError(st.backend.name, "timed out during the agreement check")
+        for key, v in rows.items():
+            n = float(np.linalg.norm(v))
+            norms.append(n)
+            rows[key] = v / n
+        return _Vectors(rows, norms, rejected)
+
+    @staticmethod
+    def _send(st: BackendState, prefix: str, text: str) -> str:
+        return text if st.backend.applies_prompt else prefix + text
+
+    # -- judging ---------------------------------------------------------------------------------
+    @staticmethod
+    def _cosines(a: _Vectors, b: _Vectors) -> dict[tuple[str | None, int], float]:
+        return {k: float(a.rows[k] @ b.rows[k]) for k in a.rows.keys() & b.rows.keys()}
+
+    def _pair_min(self, a: _Vectors | BackendError, b: _Vectors | BackendError) -> float | None:
+        if not isinstance(a, _Vectors) or not isinstance(b, _Vectors):
+            return None
+        cos = self._cosines(a, b)
+        return round(min(cos.values()), 6) if cos else None
+
+    def _failed(self, st: BackendState, exc: BackendError, report: Report) -> BackendResult:
+        name = st.backend.name
+        if isinstance(exc, BadBackendOutput) and "dimension" in exc.message:
+            report.findings.append(Finding(name, "dimension", "error", exc.message))
+            return BackendResult(name, st.backend.kind, Verdict.DISAGREE, error=exc.message)
+        report.findings.append(Finding(name, "unavailable", "error", f"could not be checked: {exc.message}"))
+        return BackendResult(name, st.backend.kind, Verdict.ERROR, error=exc.message)
+
+    async def _judge(
+        self,
+        st: BackendState,
+        res: _Vectors,
+        ref: _Vectors,
+        probes: list[Probe],
+        prompt_names: list[str | None],
+        report: Report,
+        ref_state: BackendState,
+        norms: tuple[float, float] | None,
+        dim: int | None,
+    ) -> BackendResult:
+        p, name = self.profile, st.backend.name
+        cos = self._cosines(res, ref)
+        worst_key = min(cos, key=lambda k: cos[k])
+        lo, mean = min(cos.values()), float(np.mean(list(cos.values())))
+        worst = probes[worst_key[1]].name + (f" ({worst_key[0]})" if worst_key[0] else "")
+        result = BackendResult(name, st.backend.kind, Verdict.AGREE, round(lo, 6), round(mean, 6), dim, norms, worst)
+        for i in sorted(res.rejected - ref.rejected):
+            report.findings.append(
+                Finding(
+                    name,
+                    "input_limit",
+                    "info",
+                    f"rejects probe '{probes[i].name}' that the reference embeds: its input limit is lower",
+                )
+            )
+        if lo >= p.warn_cosine:
+            return result
+        if lo >= p.agree_cosine:
+            result.verdict = Verdict.DRIFT
+            report.findings.append(
+                Finding(
+                    name,
+                    "precision_drift",
+                    "info",
+                    f"min cosine {lo:.5f} (mean {mean:.5f}): within the warn band, numerical precision "
+                    "(f16/bf16/quantization); still the same space",
+                )
+            )
+            return result
+        result.verdict = Verdict.DISAGREE
+        report.findings += await self._diagnose(st, res, ref_state, cos, probes, prompt_names, report, lo, mean)
+        return result
+
+    async def _diagnose(
+        self,
+        st: BackendState,
+        res: _Vectors,
+        ref_state: BackendState,
+        cos: dict[tuple[str | None, int], float],
+        probes: list[Probe],
+        prompt_names: list[str | None],
+        report: Report,
+        lo: float,
+        mean: float,
+    ) -> list[Finding]:
+        p, name = self.profile, st.backend.name
+        if any(f.backend == name and f.kind in ("dimension",) for f in report.findings):
+            return []
+        # Prompt: re-embed on the reference each way the prompt could have gone wrong.
+        if p.prompts and not ref_state.backend.applies_prompt:
+            found = await self._prompt_variants(st, res, ref_state, probes, prompt_names)
+            if found:
+                return found
+        # Truncation: short probes agree, only long ones do not.
+        short = [c for (pn, i), c in cos.items() if not probes[i].long]
+        long_bad = [probes[i].name for (pn, i), c in cos.items() if probes[i].long and c < p.agree_cosine]
+        if short and min(short) >= p.agree_cosine and long_bad:
+            return [
+                Finding(
+                    name,
+                    "truncation",
+                    "error",
+                    f"short probes agree (min {min(short):.5f}) but long ones do not "
+                    f"({', '.join(sorted(set(long_bad)))}): it truncates long inputs differently (e.g. TEI "
+                    "auto-truncate), so long texts would land elsewhere in the space",
+                )
+            ]
+        # Pooling: reported by the backend, or reproduced from the model's GGUF.
+        static = [f for f in report.findings if f.backend == name and f.kind == "pooling"]
+        if static:
+            return [
+                Finding(name, "pooling", "error", static[0].message + f"; its vectors disagree (min cosine {lo:.5f})")
+            ]
+        if self.gguf is not None:
+            found_pooling = await self._reproduce_pooling(res, probes, prompt_names)
+            if found_pooling:
+                pooling, score = found_pooling
+                return [
+                    Finding(
+                        name,
+                        "pooling",
+                        "error",
+                        f"pools with '{pooling}' (its vectors match the model pooled with '{pooling}' at min cosine "
+                        f"{score:.5f}); the model profile says '{p.pooling}' — start it with --pooling {p.pooling}",
+                    )
+                ]
+        hint = (
+            ""
+            if self.gguf
+            else " (or another pooling: llama.cpp does not report its pooling; set the model's reference_gguf "
+            "so the checker can tell)"
+        )
+        if lo < p.error_cosine:
+            return [
+                Finding(
+                    name,
+                    "different_model",
+                    "error",
+                    f"vectors disagree on every kind of probe (min cosine {lo:.5f}, mean {mean:.5f}) and no prompt, "
+                    f"truncation or pooling variant explains it: a different model or different weights with the same "
+                    f"dimension{hint}",
+                )
+            ]
+        return [
+            Finding(
+                name,
+                "different_model",
+                "warning",
+                f"min cosine {lo:.5f} (mean {mean:.5f}) is below the agreement threshold {p.agree_cosine} but above "
+                f"{p.error_cosine}: a coarser quantization or a slightly different model{hint}",
+            )
+        ]
+
+    async def _prompt_variants(
+        self,
+        st: BackendState,
+        res: _Vectors,
+        ref_state: BackendState,
+        probes: list[Probe],
+        prompt_names: list[str | None],
+    ) -> list[Finding]:
+        p = self.profile
+        short = [i for i, pr in enumerate(probes) if not pr.long]
+        for pname in prompt_names:
+            if pname is None:
+                continue
+            prefix = p.prompts[pname]
+            variants = {"prompt_missing": "", "prompt_doubled": prefix + prefix}
+            variants.update({f"prompt_wrong:{other}": pre for other, pre in p.prompts.items() if other != pname})
+            for kind, pre in variants.items():
+                try:
+                    vecs = await self._embed(ref_state, [pre + probes[i].text for i in short], None)
+                except BackendError:
+                    return []
+                vecs = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+                score = min(float(vecs[j] @ res.rows[(pname, i)]) for j, i in enumerate(short))
+                if score >= p.agree_cosine:
+                    return [self._prompt_finding(st, kind, pname, prefix, score)]
+        return []
+
+    def _prompt_finding(self, st: BackendState, kind: str, pname: str, prefix: str, score: float) -> Finding:
+        name, backend = st.backend.name, st.backend
+        if kind == "prompt_doubled":
+            why = (
+                'TEI must run without --default-prompt/--default-prompt-name when prompt_mode = "gateway"'
+                if backend.kind == "tei"
+                else "the backend adds the prompt and so does the gateway"
+            )
+            msg = (
+                f"applies the '{pname}' prompt twice ({prefix!r} + {prefix!r} + text matches at min cosine "
+                f"{score:.5f}): {why}"
+            )
+            return Finding(name, "prompt_doubled", "error", msg)
+        if kind == "prompt_missing":
+            why = {
+                "elastic": "the inference service does not apply the prompt for this input_type; check input_types",
+                "tei": 'TEI in prompt_mode = "backend" lacks this prompt in its prompts',
+            }.get(backend.kind, "no prompt reaches the model")
+            msg = f"applies no prompt for '{pname}' (the bare text matches at min cosine {score:.5f}): {why}"
+            return Finding(name, "prompt_missing", "error", msg)
+        other = kind.split(":", 1)[1]
+        msg = f"applies the '{other}' prompt where '{pname}' was asked for (matches at min cosine {score:.5f})"
+        return Finding(name, "prompt_wrong", "error", msg)
+
+    async def _reproduce_pooling(
+        self, res: _Vectors, probes: list[Probe], prompt_names: list[str | None]
+    ) -> tuple[str, float] | None:
+        assert self.gguf is not None
+        pname = prompt_names[0]
+        prefix = self.profile.prompts.get(pname, "") if pname else ""
+        short = [i for i, pr in enumerate(probes) if not pr.long]
+        for pooling in (x for x in POOLINGS if x != self.profile.pooling):
+            try:
+                vecs = await reproduce(self.gguf, pooling, [prefix + probes[i].text for i in short])
+            except Exception as exc:  # a scratch server that will not start must not break the check
+                log.warning("could not reproduce pooling %s from %s: %s", pooling, self.gguf, exc)
+                return None
+            score = min(float(vecs[j] @ res.rows[(pname, i)]) for j, i in enumerate(short))
+            if score >= self.profile.agree_cosine:
+                return pooling, score
+        return None

@@ -1,0 +1,187 @@
+"""Enforcement: run the checker at start-up, periodically and after a backend recovers; keep the
+compatible set of each model to the reference and the backends that agree with it.
+
+A disagreeing backend leaves the set until it passes again. When the reference is unavailable nothing
+can be verified: quarantined and pending backends stay out (a disagreeing backend never becomes the
+reference by default), already-verified ones keep serving, and with none left the model answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from config.profiles import ModelProfile
+from config.settings import ConsistencySettings
+from gateway.consistency.checker import Checker
+from gateway.consistency.report import Report, Verdict
+from gateway.state import BackendState
+
+log = logging.getLogger(__name__)
+
+
+class ConsistencyService:
+    def __init__(
+        self,
+        settings: ConsistencySettings,
+        profiles: dict[str, ModelProfile],
+        states: Sequence[BackendState],
+        references: dict[str, str | None],
+        gguf_for: Callable[[str], Path | None] = lambda _model: None,
+    ) -> None:
+        self.settings = settings
+        self.profiles = profiles
+        self.references = references
+        self._gguf_for = gguf_for
+        self._by_model: dict[str, list[BackendState]] = {}
+        for st in states:
+            self._by_model.setdefault(st.backend.model, []).append(st)
+        self.reports: dict[str, Report] = {}
+        self._locks = {m: asyncio.Lock() for m in self._by_model}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._wanted: dict[str, asyncio.Event] = {m: asyncio.Event() for m in self._by_model}
+        self._bootstrapped: dict[str, asyncio.Event] = {m: asyncio.Event() for m in self._by_model}
+        self._anchor: dict[str, str] = {}
+        for group in self._by_model.values():
+            for st in group:
+                st.agreement = Verdict.PENDING if settings.enabled else Verdict.UNCHECKED
+
+    def reference(self, model: str) -> str | None:
+        """The backend that defines the model's space (for display; checks choose it afresh)."""
+        return self.references.get(model) or self._anchor.get(model) or self._choose_reference(model)
+
+    def _choose_reference(self, model: str) -> str | None:
+        """The configured reference; else the current one while it works; else a verified backend
+        (it agrees with the old reference, so the space stays the same); at start-up only, the first
+        working backend by priority. A disagreeing or unverified backend never takes over later."""
+        configured = self.references.get(model)
+        if configured:
+            return configured
+        group = sorted(self._by_model.get(model, []), key=lambda st: st.backend.priority)
+
+        def usable(st: BackendState) -> bool:
+            return st.healthy is not False and st.agreement is not Verdict.DISAGREE
+
+        current = self._anchor.get(model)
+        if current is not None:
+            st = next(s for s in group if s.backend.name == current)
+            if usable(st):
+                return current
+            verified = [s for s in group if s.agreement.compatible and s is not st and usable(s)]
+            return verified[0].backend.name if verified else current
+        candidates = [s for s in group if usable(s)] or group
+        return candidates[0].backend.name if candidates else None
+
+    async def wait_bootstrap(self, model: str, timeout_s: float) -> None:
+        """Requests that arrive before the model's first check wait for it (within their deadline)."""
+        if not self.settings.enabled or model not in self._bootstrapped:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._bootstrapped[model].wait(), timeout=timeout_s)
+
+    def members(self, model: str, group: list[BackendState]) -> list[BackendState]:
+        """The router's view: who may produce this model's vectors right now."""
+        if not self.settings.enabled:
+            return group
+        if self.settings.require_verification:
+            return [st for st in group if st.agreement.compatible]
+        return [st for st in group if st.agreement is not Verdict.DISAGREE]
+
+    # -- scheduling ------------------------------------------------------------------------------
+    def start(self) -> None:
+        if not self.settings.enabled:
+            return
+        self._tasks = [asyncio.create_task(self._loop(m), name=f"consistency-{m}") for m in self._by_model]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def backend_recovered(self, st: BackendState, healthy: bool) -> None:
+        """Health monitor hook: a backend that comes back is re-verified before it serves again."""
+        if not self.settings.enabled or not healthy:
+            return
+        if st.agreement is not Verdict.REFERENCE and self.settings.require_verification:
+            st.agreement, st.agreement_detail = Verdict.PENDING, "recovered: re-checking agreement"
+        self._wanted[st.backend.model].set()
+
+    async def _loop(self, model: str) -> None:
+        await self._first_health(model)
+        while True:
+            with contextlib.suppress(Exception):
+                await self.check(model)
+            wanted = self._wanted[model]
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wanted.wait(), timeout=self.settings.interval_s)
+            wanted.clear()
+
+    async def _first_health(self, model: str, limit_s: float = 30.0) -> None:
+        """Start-up: give each backend a moment to answer its first health check before checking."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + limit_s
+        while loop.time() < end and any(st.healthy is None for st in self._by_model[model]):
+            await asyncio.sleep(0.1)
+
+    # -- one check -------------------------------------------------------------------------------
+    async def check(self, model: str) -> Report:
+        async with self._locks[model]:
+            group = self._by_model[model]
+            reference = self._choose_reference(model)
+            previous = self._anchor.get(model)
+            if reference is not None and reference != previous:
+                for st in group:
+                    if st.backend.name == previous and st.agreement is Verdict.REFERENCE:
+                        st.agreement = Verdict.PENDING  # re-checked against the new reference
+                self._anchor[model] = reference
+                if previous is not None:
+                    log.warning(
+                        "model %s: reference %s unavailable; %s (verified) takes over", model, previous, reference
+                    )
+            checker = Checker(model, self.profiles[model], group, reference, self._gguf_for(model))
+            try:
+                report = await checker.run()
+            finally:
+                self._bootstrapped[model].set()
+            self._apply(model, report)
+            self.reports[model] = report
+            return report
+
+    async def check_all(self) -> list[Report]:
+        return [await self.check(m) for m in self._by_model]
+
+    def _apply(self, model: str, report: Report) -> None:
+        findings = {f.backend: f for f in report.findings if f.severity == "error"}
+        for st in self._by_model[model]:
+            res = report.result(st.backend.name)
+            if res is None:
+                continue
+            before = st.agreement
+            if res.verdict is Verdict.ERROR:
+                if before is Verdict.REFERENCE:
+                    continue
+                # Not verifiable now: keep a verified backend serving, keep the rest out.
+                st.agreement_detail = res.error
+                continue
+            st.agreement = res.verdict
+            finding = findings.get(st.backend.name)
+            st.agreement_detail = finding.message if finding else None
+            if res.verdict is Verdict.DISAGREE and before is not Verdict.DISAGREE:
+                log.error(
+                    "backend %s quarantined for model %s: %s",
+                    st.backend.name,
+                    model,
+                    finding.message if finding else f"min cosine {res.min_cosine}",
+                )
+            elif res.verdict.compatible and before in (Verdict.DISAGREE, Verdict.PENDING):
+                log.info(
+                    "backend %s agrees with the reference for model %s (min cosine %s)",
+                    st.backend.name,
+                    model,
+                    res.min_cosine,
+                )
