@@ -118,7 +118,14 @@ class OpenAICompatAdapter:
         return Embeddings(vectors=stack_rows(self.name, rows), prompt_tokens=tokens)
 
     async def health(self) -> Health:
-        models = await self._models()
+        try:
+            models = await self._models()
+        except BackendMisconfigured as exc:
+            if exc.status in (404, 405):
+                # Not every OpenAI-compatible server lists models (TEI's OpenAI route does not):
+                # the health check's embed probe decides.
+                return Health(ok=True, detail="no /v1/models on this server")
+            raise
         if models and self.remote_model not in models:
             raise BackendMisconfigured(
                 self.name, f"model {self.remote_model!r} is not served here; served: {models} (set remote_model)"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
 import os
 import sys
@@ -50,6 +52,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Run the agreement checks once, without serving: 0 all agree, 1 disagreement, 2 error."""
+    settings = _load(args.config)
+    configure_logging("error" if args.json else "warning")
+    return asyncio.run(_check(settings, as_json=args.json, wait_s=args.wait))
+
+
+async def _check(settings: GatewaySettings, *, as_json: bool, wait_s: float) -> int:
+    from gateway.consistency.report import render
+    from gateway.runtime import Runtime
+
+    runtime = Runtime(settings, background=False)
+    runtime.start()
+    assert runtime.health is not None and runtime.consistency is not None
+    try:
+        # Managed servers take a moment to come up; give every backend until `wait_s` to answer.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            await runtime.health.check_all()
+            if all(st.healthy for st in runtime.states) or loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.5)
+        reports = await runtime.consistency.check_all()
+    finally:
+        await runtime.stop()
+    code = 1 if any(r.disagreement for r in reports) else 2 if any(r.errors for r in reports) else 0
+    if as_json:
+        result = {0: "agree", 1: "disagree", 2: "error"}[code]
+        print(json.dumps({"result": result, "exit_code": code, "models": [r.to_dict() for r in reports]}, indent=2))
+    else:
+        print(render(reports))
+        print(
+            {
+                0: "all backends agree",
+                1: "DISAGREEMENT: see the findings above",
+                2: "ERROR: some backends could not be checked",
+            }[code]
+        )
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="embedding-gateway", description="One stable embeddings API over many backends."
@@ -60,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
     serve.set_defaults(func=cmd_serve)
+    check = sub.add_parser(
+        "check",
+        help="check that all backends of each model produce the same embedding space (a deploy gate)",
+        description="Exit code: 0 all agree, 1 disagreement, 2 configuration or connection error.",
+    )
+    check.add_argument("--config", help="TOML file (default: $EMBEDDING_GATEWAY_CONFIG)")
+    check.add_argument("--json", action="store_true", help="print the reports as JSON")
+    check.add_argument("--wait", type=float, default=15.0, help="seconds to wait for backends to come up")
+    check.set_defaults(func=cmd_check)
     return parser
 
 

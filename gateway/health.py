@@ -78,11 +78,13 @@ class HealthMonitor:
         except BackendError as exc:
             ok, detail = False, exc.message
             misconfigured = isinstance(exc, BackendMisconfigured)
+            st.last_check_error_kind = exc.kind
         except TimeoutError:
             # A probe that queued behind real traffic which is being served means busy, not broken:
             # a real embedding just succeeded, which proves more than the probe would have.
             timed_out = True
             ok = time.monotonic() - st.last_success_at < self._settings.health_timeout_s
+            st.last_check_error_kind = "timeout"
             detail = "" if ok else f"health check timed out after {self._settings.health_timeout_s:g}s"
         except Exception as exc:  # a bug in one adapter must not kill the monitor
             ok, detail = False, f"health check failed: {type(exc).__name__}"

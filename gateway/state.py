@@ -28,6 +28,7 @@ class BackendState:
     requests: int = 0
     failures: int = 0
     check_streak: int = 0  # consecutive health results of the same sign: +n passing, -n failing
+    last_check_error_kind: str | None = None  # why the last failing health check failed (error class kind)
     agreement: Verdict = Verdict.PENDING  # the agreement checker's verdict against the reference
     agreement_detail: str | None = None
     _logged_error: str | None = field(default=None, repr=False)
@@ -38,6 +39,11 @@ class BackendState:
             return False
         self._logged_error = message
         return True
+
+    @property
+    def unreachable(self) -> bool:
+        """Down for connection or time reasons (not for what it answers): not worth waiting on."""
+        return self.healthy is False and self.last_check_error_kind in ("unavailable", "timeout", "misconfigured")
 
     def batch_limit(self) -> int | None:
         """Most texts per call: the configured `max_batch_size` or what the backend reported, lower wins."""

@@ -70,7 +70,7 @@ class Checker:
             None,
             {"agree_cosine": p.agree_cosine, "warn_cosine": p.warn_cosine, "error_cosine": p.error_cosine},
         )
-        infos = await asyncio.gather(*(self._describe(st) for st in self.states if st.healthy is not False))
+        infos = await asyncio.gather(*(self._describe(st) for st in self.states if not st.unreachable))
         infos = self._align(infos)
         limits = [p.max_input_tokens] + [i.max_input_tokens for i in infos if i and i.max_input_tokens]
         probes = probe_set(min(limits))
@@ -81,7 +81,7 @@ class Checker:
         vectors: dict[str, _Vectors | BackendError] = {}
         # A backend known to be down is not waited for: it is checked again when it recovers.
         down = BackendError("", "unhealthy: it will be checked when it recovers")
-        live = [st for st in self.states if st.healthy is not False]
+        live = [st for st in self.states if not st.unreachable]
         results = await asyncio.gather(*(self._vectors(st, probes, prompt_names) for st in live))
         for st in self.states:
             vectors[st.backend.name] = down
@@ -131,7 +131,7 @@ class Checker:
     def _align(self, infos: list[BackendInfo | None]) -> list[BackendInfo | None]:
         """Describe results for the live backends, spread back over all of them (None for the down)."""
         it = iter(infos)
-        return [next(it) if st.healthy is not False else None for st in self.states]
+        return [next(it) if not st.unreachable else None for st in self.states]
 
     async def _describe(self, st: BackendState) -> BackendInfo | None:
         try:

@@ -41,6 +41,8 @@ class TeiServer(ContractServer):
         self._embed_resp = self.contract.response_validator("post", "/embed", 200)
         self._error = self.contract.schema_validator("ErrorResponse")
         self._info = self.contract.schema_validator("Info")
+        self._openai_req = self.contract.request_validator("post", "/v1/embeddings")
+        self._openai_resp = self.contract.response_validator("post", "/v1/embeddings", 200)
 
     @property
     def validation_status(self) -> int:
@@ -68,6 +70,8 @@ class TeiServer(ContractServer):
             return self.info()
         if req.method == "POST" and req.path == "/embed":
             return await self.apply_fault(lambda: self.embed(req), req)
+        if req.method == "POST" and req.path in ("/v1/embeddings", "/embeddings"):
+            return await self.apply_fault(lambda: self.openai_embed(req), req)
         return Reply(404, b"", content_type=None)
 
     def info(self) -> Reply:
@@ -163,6 +167,50 @@ class TeiServer(ContractServer):
         rows = raw.tolist()
         self._checked(self._embed_resp, rows, "/embed response")
         return json_reply(200, rows, {"x-compute-tokens": str(tokens), "x-compute-type": "cpu"})
+
+    async def openai_embed(self, req: Incoming) -> Reply:
+        """TEI's OpenAI route: no prompt_name (default prompt only), always normalized, and truncation
+        as `auto_truncate` says — a client cannot turn it off here."""
+        try:
+            body = json.loads(req.body)
+            self._checked(self._openai_req, body, "/v1/embeddings request")
+        except (ValueError, ContractViolation) as exc:
+            return Reply(
+                422,
+                f"Failed to deserialize the JSON body into the target type: {exc}".encode(),
+                content_type="text/plain",
+            )
+        texts = [body["input"]] if isinstance(body["input"], str) else body["input"]
+        c = self.config
+        prompted = [(c.default_prompt or "") + t for t in texts]
+        for i, text in enumerate(prompted):
+            if await self.count_tokens(text) > c.max_input_length:
+                if not c.auto_truncate:
+                    return json_reply(
+                        self.validation_status,
+                        {
+                            "message": "Input validation error: too long",
+                            "code": self.validation_status,
+                            "type": "Validation",
+                        },
+                    )
+                prompted[i] = await self.truncate(text, c.max_input_length)
+        raw, tokens = await self.embed_upstream(prompted)
+        unit = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+        if body.get("encoding_format") == "base64":
+            import base64
+
+            items: list[Any] = [base64.b64encode(r.astype("<f4").tobytes()).decode() for r in unit]
+        else:
+            items = unit.tolist()
+        payload = {
+            "object": "list",
+            "model": c.model_id,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "data": [{"object": "embedding", "embedding": e, "index": i} for i, e in enumerate(items)],
+        }
+        self._checked(self._openai_resp, payload, "/v1/embeddings response")
+        return json_reply(200, payload)
 
     def fault_body(self, fault: Fault, good: Reply) -> Reply | None:
         rows = json.loads(good.body)
