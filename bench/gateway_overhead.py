@@ -114,6 +114,8 @@ name = "stub"
 kind = "llamacpp"
 model = "bench"
 url = "http://127.0.0.1:{stub_port}"
+[consistency]
+enabled = false  # the stub answers one fixed vector: nothing to check
 """)
     gateway = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)],

@@ -19,6 +19,7 @@ from gateway.metrics import Metrics
 from gateway.resilience.breaker import CircuitState
 from gateway.router import check_output
 from gateway.state import BackendState
+from gateway.tasks import cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,7 @@ class HealthMonitor:
         self._tasks = [asyncio.create_task(self._loop(st), name=f"health-{st.backend.name}") for st in self._states]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(st) for st in self._states))

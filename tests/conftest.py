@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from backends.managed.models import prepare_gguf
 from backends.managed.process import LlamaCppProcess
 from tests.helpers import run_asgi
+from tests.servers.base import ContractServer
 from tests.servers.elastic import ElasticConfig, ElasticServer
 from tests.servers.tei import TeiConfig, TeiServer
 
@@ -58,32 +60,29 @@ def fallback(llama_factory: Callable[..., LlamaCppProcess]) -> LlamaCppProcess:
     return llama_factory("fallback")
 
 
-@pytest.fixture
-def tei_factory(primary: LlamaCppProcess) -> Iterator[Callable[..., tuple[str, TeiServer]]]:
-    """Start TEI test servers over the primary llama.cpp; fail the test on any contract violation."""
+@contextmanager
+def _servers(make: Callable[[str, Any], ContractServer], config_cls: Any, primary: LlamaCppProcess) -> Iterator[Any]:
+    """Start contract test servers over a real llama.cpp; fail the test on any contract violation."""
     with ExitStack() as stack:
-        servers: list[TeiServer] = []
+        servers: list[ContractServer] = []
 
-        def start(upstream: LlamaCppProcess | None = None, **config: object) -> tuple[str, TeiServer]:
-            server = TeiServer((upstream or primary).url, TeiConfig(**config))  # type: ignore[arg-type]
+        def start(upstream: LlamaCppProcess | None = None, **config: object) -> tuple[str, Any]:
+            server = make((upstream or primary).url, config_cls(**config))
             url, _ = stack.enter_context(run_asgi(server))
             servers.append(server)
             return url, server
 
         yield start
         assert [v for s in servers for v in s.violations] == []
+
+
+@pytest.fixture
+def tei_factory(primary: LlamaCppProcess) -> Iterator[Callable[..., tuple[str, TeiServer]]]:
+    with _servers(TeiServer, TeiConfig, primary) as start:
+        yield start
 
 
 @pytest.fixture
 def es_factory(primary: LlamaCppProcess) -> Iterator[Callable[..., tuple[str, ElasticServer]]]:
-    with ExitStack() as stack:
-        servers: list[ElasticServer] = []
-
-        def start(upstream: LlamaCppProcess | None = None, **config: object) -> tuple[str, ElasticServer]:
-            server = ElasticServer((upstream or primary).url, ElasticConfig(**config))  # type: ignore[arg-type]
-            url, _ = stack.enter_context(run_asgi(server))
-            servers.append(server)
-            return url, server
-
+    with _servers(ElasticServer, ElasticConfig, primary) as start:
         yield start
-        assert [v for s in servers for v in s.violations] == []

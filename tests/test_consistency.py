@@ -292,3 +292,19 @@ def test_cli_check_exit_codes_0_and_2(
     bad.write_text("[[models]]\nname = 1\n")
     r = run_check(bad)
     assert r.returncode == 2 and "models[0].name" in r.stderr
+
+
+def test_static_metadata_mismatch_is_reported_but_vectors_decide(
+    primary: LlamaCppProcess, tei_factory: Callable[..., tuple[str, TeiServer]]
+) -> None:
+    url, _ = tei_factory(pooling="cls", max_input_length=128)  # what /info says; its vectors are mean-pooled
+    backends = [
+        llamacpp_backend("llama", primary.url),
+        {"name": "tei", "kind": "tei", "model": "minilm", "url": url, "priority": 1},
+    ]
+    with run_gateway(settings_for(backends)) as gw:
+        report = report_for(gw, "minilm")
+    assert verdicts(report)["tei"] in ("agree", "drift")
+    kinds = {f["kind"]: f for f in findings(report, "tei")}
+    assert kinds["pooling"]["severity"] == "warning" and "reports pooling 'cls'" in kinds["pooling"]["message"]
+    assert kinds["input_limit"]["severity"] == "info" and "128" in kinds["input_limit"]["message"]

@@ -19,6 +19,7 @@ from config.settings import ConsistencySettings
 from gateway.consistency.checker import Checker
 from gateway.consistency.report import Report, Verdict
 from gateway.state import BackendState
+from gateway.tasks import cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +98,7 @@ class ConsistencyService:
         self._tasks = [asyncio.create_task(self._loop(m), name=f"consistency-{m}") for m in self._by_model]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
 
     def backend_recovered(self, st: BackendState, healthy: bool) -> None:
         """Health monitor hook: a backend that comes back is re-verified before it serves again."""
@@ -139,6 +136,9 @@ class ConsistencyService:
                     if st.backend.name == previous and st.agreement is Verdict.REFERENCE:
                         st.agreement = Verdict.PENDING  # re-checked against the new reference
                 self._anchor[model] = reference
+                for st in group:
+                    if st.backend.name == reference:
+                        st.agreement, st.agreement_detail = Verdict.REFERENCE, None  # it defines the space
                 if previous is not None:
                     log.warning(
                         "model %s: reference %s unavailable; %s (verified) takes over", model, previous, reference

@@ -14,6 +14,8 @@ from urllib.parse import parse_qs
 import httpx
 import numpy as np
 
+from tests.contracts import ContractViolation, check
+
 FaultKind = Literal["latency", "status", "drop", "malformed", "wrong_count", "wrong_dimension", "nan"]
 
 
@@ -61,6 +63,14 @@ class ContractServer:
         self.violations: list[str] = []
         self.faults_hit_probes = False
         self._client: httpx.AsyncClient | None = None
+
+    def _checked(self, validator: Any, payload: Any, what: str) -> None:
+        """Validate against the contract; a violation is recorded (the fixture fails the test) and raised."""
+        try:
+            check(validator, payload, what)
+        except ContractViolation as exc:
+            self.violations.append(str(exc))
+            raise
 
     # -- fault injection ------------------------------------------------------------------------
     def inject(self, fault: Fault) -> None:
