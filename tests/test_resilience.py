@@ -167,8 +167,12 @@ def test_nothing_left_gives_a_clean_504_or_503_never_a_hang() -> None:
                 headers={"x-request-timeout": "1.5"},
                 timeout=30,
             )
-            assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
-            assert 1.4 < time.monotonic() - t0 < 4
+            # 504 when the deadline passes first; 503 when the health check called it down first.
+            assert (r.status_code, r.json()["error"]["code"]) in (
+                (504, "deadline_exceeded"),
+                (503, "no_backend_available"),
+            )
+            assert time.monotonic() - t0 < 4
             t0 = time.monotonic()
             tei = httpx.post(f"{gw.url}/embed", json={"inputs": "x"}, headers={"x-request-timeout": "1"}, timeout=30)
             # By now the health check has called it down: no backend left, a clean 503 at once (or 504).

@@ -210,3 +210,19 @@ async def test_hedged_router_answers_from_the_second_backend_when_the_first_is_s
     routed = await router.embed("m", ["x"])
     assert routed.backends == ("quick",) and loop.time() - started < 1.0
     assert metrics.hedges.labels("m")._value.get() == 1
+
+
+async def test_deadline_passing_gives_deadline_exceeded_not_a_hang() -> None:
+    from gateway.errors import DeadlineExceeded
+
+    class Stuck(Deterministic):
+        async def embed(self, texts: Sequence[str], prompt_name: str | None = None) -> Embeddings:
+            await asyncio.sleep(30)
+            raise AssertionError("unreachable")
+
+    router = Router([BackendState(Stuck("stuck"))], {"m": 8}, Metrics())
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(DeadlineExceeded):
+        await router.embed("m", ["x"], deadline=Deadline(0.3))
+    assert loop.time() - started < 1.0
