@@ -70,6 +70,9 @@ def test_f16_vs_q8_agree_without_false_alarm(
         assert all(f["severity"] != "error" for f in report["findings"]), report["findings"]
         assert {f["kind"] for f in report["findings"]} <= {"precision_drift", "input_limit"}
         assert report["agree"] is True and 0.999 <= report["matrix"]["min_cosine"][0][1] < 1.0
+        per_probe = report["backends"][1]["per_probe"]
+        assert {"sunset-en", "sunset-ja", "unicode", "near-limit"} <= set(per_probe)
+        assert min(per_probe.values()) == report["backends"][1]["min_cosine"]
         # both serve: the compatible set holds both
         listed = {b["name"]: b for b in httpx.get(f"{gw.url}/v1/backends").json()["data"]}
         assert listed["q8"]["agreement"] in ("agree", "drift")

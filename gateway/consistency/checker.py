@@ -267,6 +267,9 @@ class Checker:
         lo, mean = min(cos.values()), float(np.mean(list(cos.values())))
         worst = probes[worst_key[1]].name + (f" ({worst_key[0]})" if worst_key[0] else "")
         result = BackendResult(name, st.backend.kind, Verdict.AGREE, round(lo, 6), round(mean, 6), dim, norms, worst)
+        for (_, i), c in cos.items():
+            key = probes[i].name
+            result.per_probe[key] = round(min(c, result.per_probe.get(key, 1.0)), 6)
         for i in sorted(res.rejected - ref.rejected):
             report.findings.append(
                 Finding(

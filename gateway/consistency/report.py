@@ -42,6 +42,7 @@ class BackendResult:
     norm_range: tuple[float, float] | None = None  # of the vectors as the backend returned them
     worst_probe: str | None = None
     error: str | None = None
+    per_probe: dict[str, float] = field(default_factory=dict)  # probe -> cosine to the reference (min over prompts)
 
 
 @dataclass
