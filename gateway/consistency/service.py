@@ -78,10 +78,11 @@ class ConsistencyService:
 
     async def wait_bootstrap(self, model: str, timeout_s: float) -> None:
         """Requests that arrive before the model's first check wait for it (within their deadline)."""
-        if not self.settings.enabled or model not in self._bootstrapped:
-            return
+        event = self._bootstrapped.get(model)
+        if not self.settings.enabled or event is None or event.is_set():
+            return  # the common case, kept cheap: this runs on every request
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._bootstrapped[model].wait(), timeout=timeout_s)
+            await asyncio.wait_for(event.wait(), timeout=timeout_s)
 
     def members(self, model: str, group: list[BackendState]) -> list[BackendState]:
         """The router's view: who may produce this model's vectors right now."""

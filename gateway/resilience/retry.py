@@ -11,6 +11,7 @@ instead of a request held hostage.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,11 +63,23 @@ class stop_at_deadline(stop_base):
         return self._deadline.expired
 
 
-def retrying(policy: RetryPolicy, deadline: Deadline, has_untried: Callable[[], bool]) -> AsyncRetrying:
+def will_retry(exc: BaseException, has_untried: Callable[[], bool]) -> bool:
+    # A batch too large for one backend may suit another; once none is left, the router splits it.
+    return retryable(exc) or (isinstance(exc, PayloadTooLarge) and has_untried())
+
+
+def first_backoff(policy: RetryPolicy, deadline: Deadline, has_untried: Callable[[], bool]) -> float:
+    """The wait before the first retry, for a first attempt made outside `retrying()`."""
+    if has_untried():
+        return 0.0
+    return deadline.cap(random.uniform(0, min(policy.backoff_max_s, policy.backoff_base_s)))
+
+
+def retrying(policy: RetryPolicy, deadline: Deadline, has_untried: Callable[[], bool], done: int = 0) -> AsyncRetrying:
+    """Attempts after the `done` already made, within `policy.max_attempts` in all and the deadline."""
     return AsyncRetrying(
-        stop=stop_any(stop_after_attempt(policy.max_attempts), stop_at_deadline(deadline)),
+        stop=stop_any(stop_after_attempt(policy.max_attempts - done), stop_at_deadline(deadline)),
         wait=wait_next_backend(policy, deadline, has_untried),
-        # A batch too large for one backend may suit another; once none is left, the router splits it.
-        retry=retry_if_exception(lambda e: retryable(e) or (isinstance(e, PayloadTooLarge) and has_untried())),
+        retry=retry_if_exception(lambda e: will_retry(e, has_untried)),
         reraise=True,
     )
