@@ -94,6 +94,9 @@ class HealthMonitor:
                 st.observe_latency(elapsed)
             if probing or breaker.state is CircuitState.CLOSED:
                 breaker.record_success()
+            elif breaker.state is CircuitState.OPEN and st.check_streak + 1 >= self._settings.healthy_threshold:
+                # Passing checks in a row beat a long cool-down: the next check is the half-open probe.
+                breaker.end_cooldown()
         else:
             breaker.record_failure()
         if probing and breaker.state is CircuitState.HALF_OPEN:

@@ -289,3 +289,19 @@ def test_a_busy_backend_is_not_declared_dead_by_its_own_queue(tei_factory: TeiFa
     assert statuses and set(statuses) == {200}, statuses
     assert samples and all(samples), samples  # never declared unhealthy while serving
     assert entry["circuit"] == "closed" and entry["circuit_trips"] == 0
+
+
+def test_passing_health_checks_cut_a_long_cooldown_short(llama_factory: Callable[..., LlamaCppProcess]) -> None:
+    server, spare = llama_factory("cooldown"), llama_factory("cooldown-spare")
+    backends = [llamacpp_backend("main", server.url), llamacpp_backend("spare", spare.url, priority=1)]
+    resilience = {"breaker_cooldown_s": 60.0, "breaker_consecutive_failures": 1}
+    with run_gateway(settings_for(backends, resilience=resilience)) as gw:
+        server.kill()
+        assert embed(gw, "minilm", "x").headers["x-embedding-backend"] == "spare"
+        wait_until(lambda: backend_entry(gw.url, "main")["circuit"] == "open")
+        server.start()
+        server.wait_ready()
+        t0 = time.monotonic()
+        wait_until(lambda: backend_entry(gw.url, "main")["circuit"] == "closed", timeout=15)
+        assert time.monotonic() - t0 < 15  # not the 60 s cool-down
+        wait_until(lambda: embed(gw, "minilm", "y").headers["x-embedding-backend"] == "main")

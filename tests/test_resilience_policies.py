@@ -226,3 +226,11 @@ async def test_deadline_passing_gives_deadline_exceeded_not_a_hang() -> None:
     with pytest.raises(DeadlineExceeded):
         await router.embed("m", ["x"], deadline=Deadline(0.3))
     assert loop.time() - started < 1.0
+
+
+def test_end_cooldown_moves_an_open_circuit_to_half_open() -> None:
+    b, _ = breaker(consecutive_failures=1, cooldown_s=60)
+    b.record_failure()
+    assert b.state is CircuitState.OPEN
+    b.end_cooldown()
+    assert b.state is CircuitState.HALF_OPEN and b.allow() and not b.allow()

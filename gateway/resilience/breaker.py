@@ -77,6 +77,11 @@ class CircuitBreaker:
             return True
         return False
 
+    def end_cooldown(self) -> None:
+        """Evidence that the backend is back (active health checks pass): go half-open now, not later."""
+        if self._state is CircuitState.OPEN:
+            self._open_until = self._clock()
+
     def release(self) -> None:
         """A permitted call ended without a verdict (e.g. cancelled): free the half-open probe slot."""
         self._probe_in_flight = False
