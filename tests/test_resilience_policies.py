@@ -234,3 +234,12 @@ def test_end_cooldown_moves_an_open_circuit_to_half_open() -> None:
     assert b.state is CircuitState.OPEN
     b.end_cooldown()
     assert b.state is CircuitState.HALF_OPEN and b.allow() and not b.allow()
+
+
+def test_end_cooldown_never_cuts_a_retry_after_short() -> None:
+    b, clock = breaker(consecutive_failures=5, cooldown_s=1)
+    b.record_failure(hold_open_s=30)
+    b.end_cooldown()
+    assert b.state is CircuitState.OPEN and b.remaining_open_s() == 30
+    clock.t += 30
+    assert b.state is CircuitState.HALF_OPEN

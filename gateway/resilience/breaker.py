@@ -45,6 +45,7 @@ class CircuitBreaker:
         self._on_trip = on_trip
         self._state = CircuitState.CLOSED
         self._open_until = 0.0
+        self._hold_until = 0.0
         self._consecutive = 0
         self._window: deque[tuple[float, bool]] = deque()
         self._trip_streak = 0
@@ -80,7 +81,8 @@ class CircuitBreaker:
     def end_cooldown(self) -> None:
         """Evidence that the backend is back (active health checks pass): go half-open now, not later."""
         if self._state is CircuitState.OPEN:
-            self._open_until = self._clock()
+            # ...but never before a Retry-After the backend itself asked for.
+            self._open_until = max(self._clock(), self._hold_until)
 
     def release(self) -> None:
         """A permitted call ended without a verdict (e.g. cancelled): free the half-open probe slot."""
@@ -115,6 +117,7 @@ class CircuitBreaker:
         self._trip_streak = self._trip_streak + 1 if now - self._last_trip < p.cooldown_max_s * 2 else 1
         cooldown = min(p.cooldown_s * p.cooldown_multiplier ** (self._trip_streak - 1), p.cooldown_max_s)
         self._open_until = now + max(cooldown, hold_open_s or 0.0)
+        self._hold_until = now + (hold_open_s or 0.0)
         self._state = CircuitState.OPEN
         self._last_trip = now
         self._probe_in_flight = False
