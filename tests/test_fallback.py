@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
-from backends.base import BackendInfo, Embeddings, Health
+from backends.base import Embeddings
 from backends.errors import InputRejected
 from backends.llamacpp import LlamaCppAdapter
 from backends.managed.process import LlamaCppProcess, free_port
@@ -17,6 +17,7 @@ from gateway.errors import NoBackendAvailable
 from gateway.metrics import Metrics
 from gateway.router import Router
 from gateway.state import BackendState
+from tests.fakes import InProcessBackend
 from tests.helpers import llamacpp_backend, run_gateway, settings_for
 
 
@@ -73,14 +74,11 @@ def test_ready_is_503_when_a_model_has_no_healthy_backend(primary: LlamaCppProce
         assert r.json()["models"]["minilm"] == ["alive"]
 
 
-class FakeBackend:
+class FakeBackend(InProcessBackend):
     """An in-process backend for router-level faults the real server cannot be made to produce."""
 
-    kind = "fake"
-    applies_prompt = False
-
     def __init__(self, name: str, priority: int, vectors: Callable[[int], np.ndarray] | Exception) -> None:
-        self.name, self.model, self.priority = name, "m", priority
+        super().__init__(name, priority)
         self._vectors = vectors
         self.calls = 0
 
@@ -89,18 +87,6 @@ class FakeBackend:
         if isinstance(self._vectors, Exception):
             raise self._vectors
         return Embeddings(self._vectors(len(texts)))
-
-    async def health(self) -> Health:
-        return Health(True)
-
-    async def describe(self) -> BackendInfo:
-        return BackendInfo(kind="fake")
-
-    async def aclose(self) -> None:
-        pass
-
-    def public_url(self) -> str:
-        return "fake://"
 
 
 GOOD = FakeBackend("good", 9, lambda n: np.ones((n, 4), np.float32))

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backends.base import BackendInfo, Embeddings, Health
+from backends.base import Embeddings
 from gateway.api.inputs import request_timeout
 from gateway.errors import InvalidRequest
 from gateway.metrics import Metrics
@@ -21,6 +21,7 @@ from gateway.resilience.deadline import Deadline
 from gateway.resilience.hedge import hedged
 from gateway.router import Router, RoutingPolicy
 from gateway.state import BackendState
+from tests.fakes import InProcessBackend
 
 
 class Clock:
@@ -115,14 +116,11 @@ def vector_of(text: str, dim: int = 8) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=dim).astype(np.float32)
 
 
-class Deterministic:
+class Deterministic(InProcessBackend):
     """A backend whose vector for a text depends on the text alone (like a real model)."""
 
-    kind = "fake"
-    applies_prompt = False
-
     def __init__(self, name: str, priority: int = 0, fail_every: int = 0) -> None:
-        self.name, self.model, self.priority = name, "m", priority
+        super().__init__(name, priority)
         self.batches: list[int] = []
         self.fail_every = fail_every
 
@@ -134,18 +132,6 @@ class Deterministic:
 
             raise BackendUnavailable(self.name, "flaky")
         return Embeddings(np.stack([vector_of(t) for t in texts]))
-
-    async def health(self) -> Health:
-        return Health(True)
-
-    async def describe(self) -> BackendInfo:
-        return BackendInfo(kind="fake")
-
-    async def aclose(self) -> None:
-        pass
-
-    def public_url(self) -> str:
-        return "fake://"
 
 
 @settings(max_examples=60, deadline=None)
