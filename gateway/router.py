@@ -116,6 +116,7 @@ class Router:
         deadline = deadline or self.deadline()
         if self._gate is not None:
             await self._gate(model, deadline.remaining())
+        self._metrics.inputs.labels(model).inc(len(texts))
         members = self.members(model)
         if not members and deadline.expired:
             raise DeadlineExceeded(f"no backend of model {model!r} was verified within the request's deadline")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -132,3 +133,44 @@ def vectors_of(resp: httpx.Response) -> np.ndarray:
     assert resp.status_code == 200, resp.text
     data = sorted(resp.json()["data"], key=lambda d: d["index"])
     return np.asarray([d["embedding"] for d in data], dtype=np.float32)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def answers_200(url: str) -> bool:
+    """GET `url` is 200 (False while nothing listens yet)."""
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextmanager
+def hanging_server() -> Iterator[str]:
+    """Accepts connections and never answers: the worst kind of backend."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    held: list[socket.socket] = []
+    alive = True
+
+    def accept() -> None:
+        while alive:
+            try:
+                held.append(sock.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        alive = False
+        sock.close()
+        for c in held:
+            c.close()

@@ -157,6 +157,7 @@ def test_metrics_exposed(gw: RunningGateway) -> None:
     text = httpx.get(gw.url + "/metrics").text
     assert 'embedding_gateway_backend_calls_total{backend="minilm-primary",outcome="ok"}' in text
     assert 'embedding_gateway_requests_total{route="/v1/embeddings",status="200"}' in text
+    assert 'embedding_gateway_inputs_total{model="minilm"}' in text
 
 
 BAD_OPENAI = [

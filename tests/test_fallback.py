@@ -18,16 +18,7 @@ from gateway.metrics import Metrics
 from gateway.router import Router
 from gateway.state import BackendState
 from tests.fakes import InProcessBackend
-from tests.helpers import llamacpp_backend, run_gateway, settings_for
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
+from tests.helpers import hanging_server, llamacpp_backend, run_gateway, settings_for, wait_until
 
 
 def test_killing_the_primary_moves_traffic_to_the_fallback(llama_factory: Callable[..., LlamaCppProcess]) -> None:
@@ -142,18 +133,13 @@ async def test_all_failing_gives_no_backend_available_with_retry_after() -> None
 
 
 def test_hung_backend_times_out_to_the_fallback(primary: LlamaCppProcess) -> None:
-    import socket
-    import threading
-
-    # A TCP server that accepts and never answers: the per-call read timeout must move us on.
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    accepted: list[socket.socket] = []
-    threading.Thread(target=lambda: [accepted.append(sock.accept()[0]) for _ in range(16)], daemon=True).start()
-    hung_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    backends = [llamacpp_backend("hung", hung_url, timeout_s=0.5), llamacpp_backend("live", primary.url, priority=1)]
-    with run_gateway(settings_for(backends), wait_ready=False) as gw:
-        r = httpx.post(gw.url + "/v1/embeddings", json={"model": "minilm", "input": "x"}, timeout=10)
-        assert r.status_code == 200 and r.headers["x-embedding-backend"] == "live"
-    sock.close()
+    # Accepts and never answers: the per-call read timeout must move us on.
+    with hanging_server() as hung_url:
+        backends = [
+            llamacpp_backend("hung", hung_url, timeout_s=0.5),
+            llamacpp_backend("live", primary.url, priority=1),
+        ]
+        models = [{"name": "minilm", "profile": "all-minilm-l6-v2", "reference": "live"}]
+        with run_gateway(settings_for(backends, models), wait_ready=False) as gw:
+            r = httpx.post(gw.url + "/v1/embeddings", json={"model": "minilm", "input": "x"}, timeout=10)
+            assert r.status_code == 200 and r.headers["x-embedding-backend"] == "live"

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -14,7 +13,7 @@ import numpy as np
 
 from backends.managed.process import free_port
 from tests.conftest import CACHE
-from tests.helpers import run_gateway
+from tests.helpers import answers_200, run_gateway, wait_until
 
 MANAGED = {
     "resilience": {"health_interval_s": 0.5},
@@ -30,13 +29,6 @@ MANAGED = {
 }
 
 
-def wait_for(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
-
-
 def test_managed_server_is_restarted_after_it_dies_and_stopped_on_shutdown(minilm_gguf: Path) -> None:
     with run_gateway(MANAGED) as gw, gw.client() as c:
         r = c.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "hello"})
@@ -44,8 +36,8 @@ def test_managed_server_is_restarted_after_it_dies_and_stopped_on_shutdown(minil
         sup = gw.runtime.supervisors["local"]
         pid = sup.process.proc.pid
         os.kill(pid, signal.SIGKILL)  # a crash
-        wait_for(lambda: sup.restarts == 1 and sup.process.alive() and sup.process.proc.pid != pid)
-        wait_for(
+        wait_until(lambda: sup.restarts == 1 and sup.process.alive() and sup.process.proc.pid != pid)
+        wait_until(
             lambda: c.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "again"}).status_code == 200
         )
         info = c.get("/v1/backends").json()["data"][0]["managed"]
@@ -57,7 +49,7 @@ def test_managed_server_is_restarted_after_it_dies_and_stopped_on_shutdown(minil
 def test_managed_bad_gguf_path_is_reported_not_raised() -> None:
     cfg = {**MANAGED, "backends": [{**MANAGED["backends"][0], "managed": {"gguf": "/nonexistent/model.gguf"}}]}
     with run_gateway(cfg, wait_ready=False) as gw, gw.client() as c:
-        wait_for(lambda: c.get("/v1/backends").json()["data"][0]["healthy"] is False)
+        wait_until(lambda: c.get("/v1/backends").json()["data"][0]["healthy"] is False)
         entry = c.get("/v1/backends").json()["data"][0]
         assert "does not exist" in entry["last_error"] and "/nonexistent/model.gguf" in entry["managed"]["error"]
         assert c.get("/ready").status_code == 503
@@ -78,7 +70,7 @@ def test_cli_serves_the_embedded_default_and_stops_cleanly(minilm_gguf: Path, tm
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _ready(url), timeout=60)
+        wait_until(lambda: answers_200(f"{url}/ready"), timeout=60)
         r = httpx.post(f"{url}/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "hello world"})
         vec = np.asarray(r.json()["data"][0]["embedding"])
         assert vec.shape == (384,) and abs(np.linalg.norm(vec) - 1) < 1e-5
@@ -92,10 +84,3 @@ def test_cli_serves_the_embedded_default_and_stops_cleanly(minilm_gguf: Path, tm
     assert b"Traceback" not in out
     for child in children:
         assert not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text().lower()
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/ready", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False

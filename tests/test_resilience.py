@@ -5,13 +5,11 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -21,25 +19,21 @@ from backends.managed.process import LlamaCppProcess, free_port
 from tests.helpers import (
     MINILM,
     TEXTS,
+    answers_200,
     cosines,
     direct_embeddings,
     embed,
+    hanging_server,
     llamacpp_backend,
     run_gateway,
     settings_for,
     vectors_of,
+    wait_until,
 )
 from tests.servers.base import Fault, traffic
 from tests.servers.tei import TeiServer
 
 TeiFactory = Callable[..., tuple[str, TeiServer]]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def backend_entry(url: str, name: str) -> dict[str, object]:
@@ -97,42 +91,12 @@ def test_429_with_retry_after_shifts_traffic_and_holds_off(tei_factory: TeiFacto
         server.inject(Fault("status", 429, overloaded, {"Retry-After": "30"}, times=-1))
         started = time.monotonic()
         for i in range(10):
-            r = embed(
-                gw,
-                "minilm",
-                f"request {i}",
-            )
+            r = embed(gw, "minilm", f"request {i}")
             assert r.status_code == 200 and r.headers["x-embedding-backend"] == "llama"
         assert time.monotonic() - started < 5
         # One request met the 429; Retry-After then kept every later one (and the probes) away.
         assert len(traffic(server)) - before == 1
         assert backend_entry(gw.url, "tei")["circuit"] == "open"
-
-
-@contextmanager
-def hanging_server() -> Iterator[str]:
-    """Accepts connections and never answers: the worst kind of backend."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    held: list[socket.socket] = []
-    alive = True
-
-    def accept() -> None:
-        while alive:
-            try:
-                held.append(sock.accept()[0])
-            except OSError:
-                return
-
-    threading.Thread(target=accept, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        alive = False
-        sock.close()
-        for c in held:
-            c.close()
 
 
 def test_hanging_backend_defaults_answer_from_the_next_in_under_10s(primary: LlamaCppProcess) -> None:
@@ -231,7 +195,7 @@ url = "{url}"
         cwd=Path(__file__).parents[1],
     )
     try:
-        wait_until(lambda: _up(f"http://127.0.0.1:{port}/ready"))
+        wait_until(lambda: answers_200(f"http://127.0.0.1:{port}/ready"))
         server.inject(Fault("latency", seconds=2.0))
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             pending = pool.submit(
@@ -250,13 +214,6 @@ url = "{url}"
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=10)
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_a_busy_backend_is_not_declared_dead_by_its_own_queue(tei_factory: TeiFactory) -> None:

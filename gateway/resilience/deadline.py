@@ -22,16 +22,3 @@ class Deadline:
     def cap(self, seconds: float) -> float:
         """`seconds`, but never past the deadline."""
         return min(seconds, self.remaining())
-
-
-def parse_timeout_header(value: str | None, default_s: float) -> float:
-    """`x-request-timeout: <seconds>` may lower the default deadline, never raise it.
-
-    Returns the default for a missing header; raises ValueError for one that is not a positive number.
-    """
-    if value is None or value == "":
-        return default_s
-    seconds = float(value)
-    if not seconds > 0 or seconds != seconds:
-        raise ValueError("must be a positive number of seconds")
-    return min(seconds, default_s)

@@ -198,10 +198,6 @@ def json_reply(status: int, payload: Any, headers: dict[str, str] | None = None)
     return Reply(status, json.dumps(payload).encode(), headers or {})
 
 
-def unit_rows(m: np.ndarray) -> np.ndarray:
-    return m / np.linalg.norm(m, axis=1, keepdims=True)
-
-
 def nan_json(rows: list[list[float]]) -> list[list[float]]:
     rows = [list(r) for r in rows]
     rows[0][0] = math.nan  # serialized by json.dumps as the non-standard literal NaN
