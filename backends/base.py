@@ -33,6 +33,7 @@ class BackendInfo:
     dimension: int | None = None
     max_input_tokens: int | None = None
     max_batch_size: int | None = None
+    max_concurrency: int | None = None  # calls it serves at once (llama.cpp slots, TEI max_concurrent_requests)
     extra: dict[str, object] = field(default_factory=dict)
 
 

@@ -68,7 +68,6 @@ class ElasticAdapter:
         self.config = config
         self.inference_id = config.inference_id
         self._es = client or AsyncElasticsearch(**_client_kwargs(config))
-        self._timeout = f"{max(1, int(config.timeout_s))}s"
         te = getattr(self._es.inference, "text_embedding", None)
         self._native_input_type = te is not None and "input_type" in inspect.signature(te).parameters
 
@@ -90,18 +89,21 @@ class ElasticAdapter:
 
     async def _infer(self, texts: list[str], input_type: str | None) -> list[Any]:
         resp: Any
+        seconds = self.config.call_timeout_s(len(texts))
+        timeout = f"{max(1, int(seconds))}s"  # Elasticsearch's own limit on the inference call
+        es = self._es.options(request_timeout=seconds + self.config.connect_timeout_s)
         try:
             if self._native_input_type:
                 kw: dict[str, Any] = {"input_type": input_type} if input_type else {}
-                resp = await self._es.inference.text_embedding(
-                    inference_id=self.inference_id, input=texts, timeout=self._timeout, **kw
+                resp = await es.inference.text_embedding(
+                    inference_id=self.inference_id, input=texts, timeout=timeout, **kw
                 )
             else:
                 body: dict[str, Any] = {"input": texts, **({"input_type": input_type} if input_type else {})}
-                resp = await self._es.perform_request(
+                resp = await es.perform_request(
                     "POST",
                     f"/_inference/text_embedding/{self.inference_id}",
-                    params={"timeout": self._timeout},
+                    params={"timeout": timeout},
                     headers={"accept": "application/json", "content-type": "application/json"},
                     body=body,
                 )

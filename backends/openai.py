@@ -89,13 +89,18 @@ class OpenAICompatAdapter:
     async def aclose(self) -> None:
         await self._client.aclose()
 
+    def _call_timeout(self, texts: int) -> httpx.Timeout:
+        # Bigger sub-batches take longer: the read timeout grows with the texts in the call.
+        return httpx.Timeout(self.config.call_timeout_s(texts), connect=self.config.connect_timeout_s)
+
     def _request_body(self, texts: Sequence[str]) -> bytes:
         return msgspec.json.encode({"input": list(texts), "model": self.remote_model, "encoding_format": "base64"})
 
     async def embed(self, texts: Sequence[str], prompt_name: str | None = None) -> Embeddings:
         async with transport_errors(self.name):
             resp = await self._client.post(
-                "/v1/embeddings", content=self._request_body(texts), headers={"Content-Type": "application/json"}
+                "/v1/embeddings", content=self._request_body(texts), timeout=self._call_timeout(len(texts)),
+                headers={"Content-Type": "application/json"}
             )
         if resp.status_code != 200:
             raise self._error(resp)

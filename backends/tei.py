@@ -62,6 +62,10 @@ class TeiAdapter:
     async def aclose(self) -> None:
         await self._client.aclose()
 
+    def _call_timeout(self, texts: int) -> httpx.Timeout:
+        # Bigger sub-batches take longer: the read timeout grows with the texts in the call.
+        return httpx.Timeout(self.config.call_timeout_s(texts), connect=self.config.connect_timeout_s)
+
     async def embed(self, texts: Sequence[str], prompt_name: str | None = None) -> Embeddings:
         # Batches over TEI's max_client_batch_size (TEI #378) never get here: the router cuts
         # sub-batches to the limit describe() reports; a stale limit comes back as PayloadTooLarge.
@@ -70,7 +74,8 @@ class TeiAdapter:
             body["prompt_name"] = prompt_name
         async with transport_errors(self.name):
             resp = await self._client.post(
-                "/embed", content=msgspec.json.encode(body), headers={"Content-Type": "application/json"}
+                "/embed", content=msgspec.json.encode(body), timeout=self._call_timeout(len(texts)),
+                headers={"Content-Type": "application/json"}
             )
         if resp.status_code != 200:
             raise self._error(resp)
@@ -104,6 +109,7 @@ class TeiAdapter:
             max_batch_size=min(x for x in (info.get("max_client_batch_size"), self.config.max_batch_size) if x)
             if info.get("max_client_batch_size") or self.config.max_batch_size
             else None,
+            max_concurrency=mc if isinstance(mc := info.get("max_concurrent_requests"), int) and mc > 0 else None,
             extra={k: info.get(k) for k in ("version", "model_dtype", "auto_truncate", "max_batch_tokens")},
         )
 

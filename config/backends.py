@@ -18,10 +18,18 @@ class _Backend(BaseModel):
     priority: int = Field(0, description="lower is tried first")
     # Short by default: with sub-batches of ~32 texts a healthy backend answers well within it, and a
     # hanging one must not keep a client waiting long before the next backend is tried.
-    timeout_s: float = Field(5.0, gt=0, description="timeout of one backend call (one sub-batch)")
+    timeout_s: float = Field(5.0, gt=0, description="timeout of one backend call, plus timeout_per_text_s per text")
+    timeout_per_text_s: float = Field(0.05, ge=0, description="added to timeout_s per text in the call")
     connect_timeout_s: float = Field(1.0, gt=0)
     max_batch_size: int | None = Field(None, gt=0, description="most texts sent in one backend call")
+    max_concurrency: int | None = Field(
+        None, gt=0, description="calls at once at this backend (the rest queue in the gateway); default: what it states"
+    )
     api_key: SecretStr | None = None
+
+    def call_timeout_s(self, texts: int) -> float:
+        """The time one call of `texts` texts may take at the backend (time queued in the gateway aside)."""
+        return self.timeout_s + self.timeout_per_text_s * texts
 
 
 class _HttpBackend(_Backend):

@@ -31,6 +31,17 @@ class ServerSettings(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     default_model: str | None = Field(None, description="model for /embed requests that name none; default the first")
     shutdown_grace_s: float = Field(10.0, ge=0, description="how long in-flight requests may finish on SIGTERM")
+    max_inflight_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="request bodies processed at once; beyond: 503 + Retry-After"
+    )
+    max_inflight_texts: int = Field(8192, gt=0, description="texts being embedded at once; beyond: 503 + Retry-After")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a connection must send a complete request (headers and body) within this"
+    )
+    keepalive_timeout_s: float = Field(5.0, gt=0, description="idle keep-alive connections are closed after this")
+    max_connections: int | None = Field(
+        None, gt=0, description="open client connections; beyond, the oldest idle one is closed (default: fd limit)"
+    )
 
 
 class ResilienceSettings(BaseModel):

@@ -20,7 +20,13 @@ def _load(path: str | None) -> GatewaySettings:
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from gateway.api.context import RequestIdFilter
+
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s", force=True
+    )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())  # `-` outside a request
     # One line per backend call from httpx would drown the log; our own messages say what matters.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("gguf").setLevel(logging.WARNING)
@@ -32,6 +38,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.server import uvicorn_config
 
     settings = _load(args.config)
     if args.host:
@@ -40,15 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings.server.port = args.port
     configure_logging(settings.server.log_level)
     app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.server.host,
-        port=settings.server.port,
-        log_level=settings.server.log_level,
-        access_log=False,  # per-request logs cost more than the proxy hop; metrics count requests
-        timeout_graceful_shutdown=int(settings.server.shutdown_grace_s),
-        lifespan="on",
-    )
+    uvicorn.Server(uvicorn_config(app, settings.server)).run()
     return 0
 
 

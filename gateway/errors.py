@@ -39,6 +39,25 @@ class NoBackendAvailable(GatewayError):
         self.retry_after = retry_after
 
 
+class Overloaded(NoBackendAvailable):
+    """The gateway itself holds as much work as it may (bodies, texts in flight): 503 + Retry-After."""
+
+    code = "overloaded"
+
+
+class ClientDisconnected(GatewayError):
+    """The client went away before its answer was ready: its work was cancelled; nobody reads a reply."""
+
+    status_code = 499
+    code = "client_closed_request"
+
+
+class ShuttingDown(NoBackendAvailable):
+    """The gateway is stopping and the request outlived the shutdown grace."""
+
+    code = "shutting_down"
+
+
 class DeadlineExceeded(GatewayError):
     """The request's deadline passed before any backend answered: 504."""
 

@@ -15,9 +15,10 @@ from collections.abc import Callable, Sequence
 
 from backends.errors import BackendError, BackendMisconfigured
 from config.settings import ResilienceSettings
+from gateway.calls import BackendCalls, Purpose
 from gateway.metrics import Metrics
 from gateway.resilience.breaker import CircuitState
-from gateway.router import check_output
+from gateway.resilience.deadline import Deadline
 from gateway.state import BackendState
 from gateway.tasks import cancel_all
 
@@ -29,14 +30,14 @@ class HealthMonitor:
         self,
         states: Sequence[BackendState],
         settings: ResilienceSettings,
-        dimensions: dict[str, int],
+        calls: BackendCalls,
         metrics: Metrics,
         supervisor_error: Callable[[str], str | None] = lambda _name: None,
         on_change: Callable[[BackendState, bool], None] = lambda _st, _healthy: None,
     ) -> None:
         self._states = states
         self._settings = settings
-        self._dimensions = dimensions
+        self._calls = calls
         self._metrics = metrics
         self._supervisor_error = supervisor_error
         self._on_change = on_change
@@ -119,8 +120,10 @@ class HealthMonitor:
 
     async def _probe(self, st: BackendState) -> None:
         """Embed one text: proves the backend can embed, with the right dimension."""
-        out = await st.backend.embed([self._settings.probe_text], None)
-        check_output(st.backend.name, out, 1, self._dimensions[st.backend.model])
+        timeout = self._settings.health_timeout_s
+        await self._calls.embed(
+            st, [self._settings.probe_text], None, deadline=Deadline(timeout), purpose=Purpose.HEALTH, timeout_s=timeout
+        )
         if st.info is None:
             with contextlib.suppress(BackendError):
-                st.info = await st.backend.describe()
+                st.learn(await st.backend.describe())

@@ -70,6 +70,44 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.overflows = Counter(
+            "embedding_gateway_overflow_total",
+            "Calls sent to a lower-priority backend because the preferred one's queue would take longer.",
+            ["model", "backend"],
+            registry=self.registry,
+        )
+        self.admission_wait_seconds = Histogram(
+            "embedding_gateway_admission_wait_seconds",
+            "Time calls queued in the gateway for a free slot at the backend.",
+            ["backend"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.admission_timeouts = Counter(
+            "embedding_gateway_admission_timeouts_total",
+            "Calls whose request deadline passed while they queued for the backend.",
+            ["backend"],
+            registry=self.registry,
+        )
+        self.backend_in_flight = Gauge(
+            "embedding_gateway_backend_in_flight",
+            "Calls in flight at the backend (at most its concurrency limit).",
+            ["backend"],
+            registry=self.registry,
+        )
+        self.backend_queued = Gauge(
+            "embedding_gateway_backend_queued",
+            "Calls queued in the gateway for the backend.",
+            ["backend"],
+            registry=self.registry,
+        )
+        self.backend_concurrency = Gauge(
+            "embedding_gateway_backend_concurrency_limit",
+            "Calls the gateway sends the backend at once (configured or learned).",
+            ["backend"],
+            registry=self.registry,
+        )
+
     def backend_call(self, backend: str, outcome: str, seconds: float) -> None:
         self.backend_calls.labels(backend, outcome).inc()
         self.backend_seconds.labels(backend).observe(seconds)

@@ -15,23 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from backends.base import Embeddings
-from backends.errors import (
-    BackendError,
-    BackendMisconfigured,
-    BackendOverloaded,
-    BackendTimeout,
-    BackendUnavailable,
-    BadBackendOutput,
-    InputRejected,
-    PayloadTooLarge,
-)
+from backends.errors import BackendError, BackendUnavailable, InputRejected, PayloadTooLarge
+from gateway.calls import BackendCalls, check_output
 from gateway.errors import DeadlineExceeded, NoBackendAvailable
 from gateway.metrics import Metrics
 from gateway.pipeline import Prompt
@@ -43,6 +33,8 @@ from gateway.resilience.retry import RetryPolicy, first_backoff, retrying, will_
 from gateway.state import BackendState
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Routed", "Router", "RoutingPolicy", "check_output"]
 
 NO_PROMPT = Prompt(None, "")
 
@@ -61,19 +53,7 @@ class RoutingPolicy:
     subbatch_concurrency: int = 4
     hedge_after_s: float | None = None
     request_timeout_s: float = 30.0
-
-
-def check_output(backend: str, out: Embeddings, n: int, dimension: int) -> None:
-    """A wrong count, wrong dimension, non-finite or zero vector is a backend failure, never client data."""
-    v = out.vectors
-    if v.ndim != 2 or v.shape[0] != n:
-        raise BadBackendOutput(backend, f"returned {v.shape[0] if v.ndim else 0} vectors for {n} inputs")
-    if v.shape[1] != dimension:
-        raise BadBackendOutput(backend, f"returned dimension {v.shape[1]}, the model profile says {dimension}")
-    if not np.isfinite(v).all():
-        raise BadBackendOutput(backend, "returned non-finite numbers (NaN or infinity)")
-    if n and not np.any(v, axis=1).all():
-        raise BadBackendOutput(backend, "returned an all-zero vector")
+    retry_after_cap_s: float = 5.0  # never advise waiting past the next health check
 
 
 @dataclass(slots=True)
@@ -92,6 +72,8 @@ class Router:
         policy: RoutingPolicy | None = None,
         members: Callable[[str, list[BackendState]], list[BackendState]] = lambda _model, group: group,
         gate: Callable[[str, float], Awaitable[None]] | None = None,
+        calls: BackendCalls | None = None,
+        rescue: Callable[[str, Deadline], Awaitable[bool]] | None = None,
     ) -> None:
         self._by_model: dict[str, list[BackendState]] = {}
         for st in states:
@@ -101,6 +83,10 @@ class Router:
         self.policy = policy or RoutingPolicy()
         self._members = members
         self._gate = gate  # e.g. wait for the model's first agreement check at start-up
+        self.calls = calls or BackendCalls(dimensions, metrics)
+        # When no compatible backend can serve: verify a pending one now (within the deadline); True
+        # when the compatible set grew, so the request is tried again instead of failing.
+        self._rescue = rescue
 
     def members(self, model: str) -> list[BackendState]:
         """The model's compatible set: the only backends that may produce its vectors."""
@@ -116,12 +102,24 @@ class Router:
         deadline = deadline or self.deadline()
         if self._gate is not None:
             await self._gate(model, deadline.remaining())
-        self._metrics.inputs.labels(model).inc(len(texts))
+        try:
+            routed = await self._route(model, texts, prompt, deadline)
+        except NoBackendAvailable:
+            if deadline.expired or self._rescue is None or not await self._rescue(model, deadline):
+                raise
+            log.info("model %s: a newly verified backend takes over the request", model)
+            routed = await self._route(model, texts, prompt, deadline)
+        self._metrics.inputs.labels(model).inc(len(texts))  # texts served, not texts asked for
+        return routed
+
+    async def _route(self, model: str, texts: list[str], prompt: Prompt, deadline: Deadline) -> Routed:
+        if deadline.expired:
+            raise DeadlineExceeded(f"the request's deadline passed before model {model!r} could be called")
         members = self.members(model)
-        if not members and deadline.expired:
-            raise DeadlineExceeded(f"no backend of model {model!r} was verified within the request's deadline")
         if not members:
-            raise NoBackendAvailable(f"model {model!r} has no compatible backend in service", retry_after=5)
+            raise NoBackendAvailable(
+                f"model {model!r} has no compatible backend in service", retry_after=self.policy.retry_after_cap_s
+            )
         slices = split(texts, self._chunk_size(members), self._token_budget(members))
         if len(slices) == 1:
             part = await self._subbatch(model, members, texts, prompt, deadline)
@@ -136,7 +134,7 @@ class Router:
         try:
             parts = await asyncio.gather(*tasks)
         except BaseException:
-            for t in tasks:  # one sub-batch failed: the request fails whole, stop the others
+            for t in tasks:  # one sub-batch failed (or the client left): stop the others
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
@@ -155,7 +153,7 @@ class Router:
     async def _subbatch(
         self, model: str, members: list[BackendState], texts: list[str], prompt: Prompt, deadline: Deadline
     ) -> _Part:
-        plan = AttemptPlan(members)
+        plan = AttemptPlan(members, self.policy.retry_after_cap_s)
         last: BackendError | None = None
         try:
             # The first attempt runs bare: the retry machinery costs ~30 us a request and is only
@@ -192,14 +190,15 @@ class Router:
             f"no backend of model {model!r} could serve the request (last: {detail})", retry_after=retry_after
         )
 
-    @staticmethod
-    def _take(model: str, plan: AttemptPlan) -> BackendState:
+    def _take(self, model: str, plan: AttemptPlan) -> BackendState:
         st = plan.take()
         if st is None:
             raise NoBackendAvailable(
                 f"no backend of model {model!r} is available (circuits open or unhealthy)",
                 retry_after=plan.retry_after(),
             )
+        if plan.overflowed_from is not None:
+            self._metrics.overflows.labels(model, st.backend.name).inc()
         return st
 
     async def _attempt(
@@ -207,63 +206,25 @@ class Router:
     ) -> _Part:
         hedge_after = self.policy.hedge_after_s
         if hedge_after is None or not plan.has_untried():
-            return await self._call(model, st, texts, prompt, deadline)
+            return await self._call(st, texts, prompt, deadline)
 
         async def backup() -> _Part:
-            other = plan.take()
+            # Only a backend not already working on this sub-batch; nobody left: the first call decides.
+            other = plan.take(untried_only=True)
             if other is None:
-                return await asyncio.Future()  # nobody to hedge with: let the first call decide
+                raise _NoHedge(st.backend.name, "no other backend to hedge with")
             self._metrics.hedges.labels(model).inc()
-            return await self._call(model, other, texts, prompt, deadline)
+            return await self._call(other, texts, prompt, deadline)
 
-        return await hedged(lambda: self._call(model, st, texts, prompt, deadline), backup, hedge_after)
+        return await hedged(lambda: self._call(st, texts, prompt, deadline), backup, hedge_after)
 
-    async def _call(self, model: str, st: BackendState, texts: list[str], prompt: Prompt, deadline: Deadline) -> _Part:
-        """One backend call with the breaker's permission already taken; outcome recorded everywhere."""
+    async def _call(self, st: BackendState, texts: list[str], prompt: Prompt, deadline: Deadline) -> _Part:
+        """One backend call through the guarded path, with the breaker's permission already taken."""
         backend = st.backend
         sent = texts if backend.applies_prompt else prompt.apply(texts)
-        st.in_flight += 1
-        started = time.perf_counter()
-        try:
-            async with asyncio.timeout(deadline.remaining() or 0.001):
-                out = await backend.embed(sent, prompt.name)
-            check_output(backend.name, out, len(texts), self._dimensions[model])
-        except asyncio.CancelledError:
-            st.breaker.release()
-            raise
-        except Exception as exc:
-            error = self._classify(backend.name, exc)
-            self._failed(st, error, time.perf_counter() - started)
-            raise error from exc
-        finally:
-            st.in_flight -= 1
-        elapsed = time.perf_counter() - started
-        st.breaker.record_success()
-        st.record_success(elapsed)
-        self._metrics.backend_call(backend.name, "ok", elapsed)
+        out = await self.calls.embed(st, sent, prompt.name, deadline=deadline, permitted=True)
         return _Part(out.vectors, [backend.name], out.prompt_tokens)
 
-    def _classify(self, backend: str, exc: Exception) -> BackendError:
-        if isinstance(exc, BackendError):
-            return exc
-        if isinstance(exc, TimeoutError):
-            return BackendTimeout(backend, "no answer within the request's deadline")
-        # An adapter bug must cost one backend attempt, not the client's request.
-        log.exception("backend %s raised an unexpected error", backend, exc_info=exc)
-        return BackendUnavailable(backend, f"unexpected error: {type(exc).__name__}")
 
-    def _failed(self, st: BackendState, error: BackendError, elapsed: float) -> None:
-        self._metrics.backend_call(st.backend.name, error.kind, elapsed)
-        if isinstance(error, InputRejected):
-            st.breaker.record_success()  # the backend answered sensibly; the input was at fault
-            return
-        if isinstance(error, PayloadTooLarge):
-            st.breaker.release()
-            st.info = None  # its limits changed under us: the next health check learns them again
-            return
-        hold = error.retry_after if isinstance(error, BackendOverloaded) else None
-        st.breaker.record_failure(hold_open_s=hold)
-        st.record_failure(error.message)
-        if st.should_log(error.message):
-            level = logging.ERROR if isinstance(error, BackendMisconfigured) else logging.WARNING
-            log.log(level, "backend %s failed (%s): %s", st.backend.name, error.kind, error.message)
+class _NoHedge(BackendUnavailable):
+    """The hedge found nobody to ask: not a failure of anyone, so the first call's outcome stands."""

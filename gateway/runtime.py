@@ -16,6 +16,8 @@ from backends import Backend, create_backend
 from backends.managed.supervisor import Supervisor
 from config.backends import LlamaCppBackend
 from config.settings import GatewaySettings
+from gateway.api.budget import WorkBudget
+from gateway.calls import BackendCalls
 from gateway.consistency.service import ConsistencyService
 from gateway.health import HealthMonitor
 from gateway.metrics import Metrics
@@ -40,6 +42,7 @@ class Runtime:
         self.metrics = metrics or Metrics()
         self.profiles = {m.name: m.resolved for m in settings.models}
         self.default_model = settings.server.default_model or settings.models[0].name
+        self.budget = WorkBudget(settings.server.max_inflight_bytes, settings.server.max_inflight_texts)
         self.supervisors: dict[str, Supervisor] = {}
         self.states: list[BackendState] = []
         self._service: EmbeddingService | None = None
@@ -83,13 +86,16 @@ class Runtime:
             subbatch_concurrency=r.subbatch_concurrency,
             hedge_after_s=r.hedge_after_s,
             request_timeout_s=r.request_timeout_s,
+            retry_after_cap_s=r.health_interval_s,
         )
+        calls = BackendCalls(dims, self.metrics)
         self.consistency = ConsistencyService(
             self.settings.consistency,
             self.profiles,
             self.states,
             {m.name: m.reference for m in self.settings.models},
             gguf_for=self._gguf_for,
+            calls=calls,
         )
         router = Router(
             self.states,
@@ -98,12 +104,14 @@ class Runtime:
             policy,
             members=self.consistency.members,
             gate=self.consistency.wait_bootstrap,
+            calls=calls,
+            rescue=self.consistency.rescue,
         )
         self._service = EmbeddingService(self.profiles, router)
         self.health = HealthMonitor(
             self.states,
             r,
-            dims,
+            calls,
             self.metrics,
             supervisor_error=lambda name: s.error if (s := self.supervisors.get(name)) else None,
             on_change=self.consistency.backend_recovered,

@@ -7,9 +7,12 @@ from dataclasses import dataclass, field
 
 from backends.base import Backend, BackendInfo
 from gateway.consistency.report import Verdict
+from gateway.resilience.admission import Admission
 from gateway.resilience.breaker import CircuitBreaker
 
 _EWMA_ALPHA = 0.3
+# Calls at once at a backend that states no limit and has none configured.
+DEFAULT_CONCURRENCY = 16
 
 
 @dataclass
@@ -31,6 +34,7 @@ class BackendState:
     last_check_error_kind: str | None = None  # why the last failing health check failed (error class kind)
     agreement: Verdict = Verdict.PENDING  # the agreement checker's verdict against the reference
     agreement_detail: str | None = None
+    admission: Admission = field(default_factory=lambda: Admission(DEFAULT_CONCURRENCY))
     _logged_error: str | None = field(default=None, repr=False)
 
     def should_log(self, message: str) -> bool:
@@ -39,6 +43,20 @@ class BackendState:
             return False
         self._logged_error = message
         return True
+
+    def __post_init__(self) -> None:
+        self.admission.set_limit(self.concurrency_limit())
+
+    def learn(self, info: BackendInfo | None) -> None:
+        """What the backend says about itself (None: forget it); its stated slots bound its admission."""
+        self.info = info
+        self.admission.set_limit(self.concurrency_limit())
+
+    def concurrency_limit(self) -> int:
+        """Calls at once: the configured `max_concurrency`, else what the backend states, else a default."""
+        configured = getattr(getattr(self.backend, "config", None), "max_concurrency", None)
+        learned = self.info.max_concurrency if self.info else None
+        return int(configured or learned or DEFAULT_CONCURRENCY)
 
     @property
     def unreachable(self) -> bool:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import resource
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,6 +25,7 @@ from backends.managed.process import free_port
 from config.settings import GatewaySettings
 from gateway.api.context import RequestContext
 from gateway.app import create_app
+from gateway.server import uvicorn_config
 
 
 @dataclass
@@ -35,10 +43,14 @@ class RunningGateway:
 
 
 @contextmanager
-def run_asgi(app: Any, *, log_level: str = "warning") -> Iterator[tuple[str, uvicorn.Server]]:
+def run_asgi(
+    app: Any, *, log_level: str = "warning", config: uvicorn.Config | None = None
+) -> Iterator[tuple[str, uvicorn.Server]]:
     """Serve an ASGI app on a free loopback port in a background thread."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level=log_level, lifespan="on"))
+    config = config or uvicorn.Config(app, host="127.0.0.1", port=port, log_level=log_level, lifespan="on")
+    config.port = port
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -58,7 +70,8 @@ def run_gateway(settings: GatewaySettings | dict[str, Any], *, wait_ready: bool 
     if isinstance(settings, dict):
         settings = GatewaySettings.model_validate(settings)
     app = create_app(settings)
-    with run_asgi(app) as (url, server):
+    config = uvicorn_config(app, settings.server, host="127.0.0.1", log_level="warning")
+    with run_asgi(app, config=config) as (url, server):
         gw = RunningGateway(url, app, server)
         deadline = time.monotonic() + 60
         while wait_ready and not _settled(gw.url):
@@ -174,3 +187,62 @@ def hanging_server() -> Iterator[str]:
         sock.close()
         for c in held:
             c.close()
+
+
+@dataclass
+class CliGateway:
+    url: str
+    proc: subprocess.Popen[bytes]
+    lines: list[str]  # its output so far (stdout and stderr), read continuously
+
+
+@contextmanager
+def cli_gateway(
+    settings: dict[str, Any], *, limit_fds: int | None = None, extra_env: dict[str, str] | None = None
+) -> Iterator[CliGateway]:
+    """The real `embedding-gateway serve` in its own process (settings through the environment), its
+    output collected line by line; optionally with a low open-files limit."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDDING_GATEWAY_")}
+    for key, value in settings.items():
+        env[f"EMBEDDING_GATEWAY_{key.upper()}"] = json.dumps(value)
+    env.update(extra_env or {})
+
+    def limit() -> None:
+        if limit_fds is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit_fds, limit_fds))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=Path(__file__).parent.parent,
+        preexec_fn=limit,
+    )
+    url = f"http://127.0.0.1:{port}"
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            lines.append(raw.decode(errors="replace").rstrip("\n"))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not answers_200(f"{url}/ready"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"gateway did not become ready (exit {proc.poll()}): {lines[-20:]}")
+            time.sleep(0.1)
+        yield CliGateway(url, proc, lines)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        reader.join(timeout=5)

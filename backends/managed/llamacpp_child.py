@@ -10,6 +10,7 @@ run it here, in a process of its own that can be supervised, killed and restarte
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -27,8 +28,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=512, help="n_batch = n_ubatch (encoders need one ubatch)")
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="0 = llama.cpp's default")
-    p.add_argument("--api-key", default=None)
     return p.parse_args(argv)
+
+
+def watch_parent(stop: threading.Event) -> None:
+    """Exit when the gateway that started us is gone (belt and braces next to the parent-death signal)."""
+    parent = int(os.environ.get("EMBEDDING_GATEWAY_PARENT_PID", "0") or 0)
+    if not parent:
+        return
+
+    def run() -> None:
+        while not stop.wait(1.0):
+            if os.getppid() != parent:
+                stop.set()
+
+    threading.Thread(target=run, name="watch-parent", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,13 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > 0:
         params.cpuparams.n_threads = args.threads
         params.cpuparams_batch.n_threads = args.threads
-    if args.api_key:
-        params.api_keys = [args.api_key]
+    api_key = os.environ.get("LLAMA_API_KEY")  # from the environment: never on the command line
+    if api_key:
+        params.api_keys = [api_key]
     server = xlc.Server(params)
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    watch_parent(stop)
     print(f"llama.cpp server listening on {server.listening_address}", flush=True)
     stop.wait()
     del server

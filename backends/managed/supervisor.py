@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from backends.managed.models import ModelPreparationError, prepare_gguf
-from backends.managed.process import LlamaCppProcess
+from backends.managed.process import LlamaCppProcess, PortInUse
 from config.backends import ManagedLlamaCpp
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ class Supervisor:
             threads=cfg.threads,
             api_key=api_key,
             binary=cfg.binary,
+            pidfile=Path(cfg.cache_dir).expanduser() / "run" / f"{name}.pid",
         )
         self.error: str | None = None
         self.restarts = 0
@@ -66,7 +67,15 @@ class Supervisor:
         backoff = 0.5
         while not self._stopping:
             try:
+                # On the loop's own thread: the parent-death signal fires when the *thread* that
+                # started the child ends, and this one lives as long as the gateway.
                 self.process.start()
+            except PortInUse as exc:
+                self.error = f"cannot launch llama.cpp server: {exc}; retrying in {backoff:g}s"
+                log.error("backend %s: %s", self.name, self.error)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+                continue
             except OSError as exc:
                 self.error = f"cannot launch llama.cpp server: {exc}"
                 log.error("backend %s: %s", self.name, self.error)

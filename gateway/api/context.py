@@ -1,4 +1,6 @@
-"""Outermost ASGI layer: x-request-id on every response (errors included) and request metrics.
+"""Outermost ASGI layer: x-request-id on every response (errors included), the request id in every log
+line, request metrics, HEAD on every GET route, and a 503 in the client's dialect for a request cut
+off by shutdown.
 
 It wraps the Litestar app rather than sitting inside it, so responses produced by exception
 handlers and router-level 404/405s carry the header too.
@@ -6,13 +8,21 @@ handlers and router-level 404/405s carry the header too.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import uuid
+from contextvars import ContextVar
 from typing import Any
 
+import msgspec
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
 
 _HEADER = b"x-request-id"
 _KNOWN_ROUTES = {
@@ -25,6 +35,23 @@ _KNOWN_ROUTES = {
     "/ready",
     "/metrics",
 }
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds `request_id` to every log record (`-` outside a request), for the log format."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get()
+        return True
+
+
+def dialect_error(path: str, status: int, message: str, code: str) -> bytes:
+    """An error body in the dialect of the route: TEI's on /embed, OpenAI's elsewhere."""
+    if path.startswith("/embed"):
+        error_type = {503: "Unhealthy", 504: "Unhealthy", 429: "Overloaded"}.get(status, "Validation")
+        return msgspec.json.encode({"error": message, "error_type": error_type})
+    kind = {503: "service_unavailable", 504: "timeout"}.get(status, "invalid_request_error")
+    return msgspec.json.encode({"error": {"message": message, "type": kind, "param": None, "code": code}})
 
 
 class RequestContext:
@@ -43,19 +70,35 @@ class RequestContext:
         if not request_id:
             request_id = uuid.uuid4().hex.encode()
             scope["headers"] = [*scope["headers"], (_HEADER, request_id)]
+        REQUEST_ID.set(request_id.decode("latin-1"))
+        head = scope.get("method") == "HEAD"
+        if head:  # HEAD is GET without a body (load balancers probe /health and /ready this way)
+            scope = {**scope, "method": "GET"}  # type: ignore[assignment]
         route = scope["path"] if scope["path"] in _KNOWN_ROUTES else "other"
         started = time.perf_counter()
-        status = 500
+        status = 0
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), (_HEADER, request_id)]
+            elif head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            # The server cancels requests that outlive the shutdown grace: answer them properly.
+            if status:
+                raise
+            log.warning("request cut off by shutdown after %.1fs: answered 503", time.perf_counter() - started)
+            body = dialect_error(scope["path"], 503, "the gateway is shutting down; retry", "shutting_down")
+            headers = [(b"content-type", b"application/json"), (b"retry-after", b"1"), (b"connection", b"close")]
+            start: Any = {"type": "http.response.start", "status": 503, "headers": headers}
+            await send_with_id(start)
+            await send_with_id({"type": "http.response.body", "body": body, "more_body": False})
         finally:
-            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.requests.labels(route, str(status or 500)).inc()
             self.metrics.request_seconds.labels(route).observe(time.perf_counter() - started)

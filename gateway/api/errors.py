@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 _OPENAI_TYPES = {
     400: "invalid_request_error",
+    429: "rate_limit_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
@@ -71,10 +73,54 @@ def classify(exc: Exception) -> Problem:
     )
 
 
+class _LogLimiter:
+    """Token bucket for log lines about bad requests: a flood of garbage must not flood the log."""
+
+    def __init__(self, per_s: float = 5.0, burst: int = 20) -> None:
+        self._per_s, self._burst = per_s, burst
+        self._tokens = float(burst)
+        self._at = time.monotonic()
+        self.suppressed = 0
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._per_s)
+        self._at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        self.suppressed += 1
+        return False
+
+
+_limiter = _LogLimiter()
+_traced: set[str] = set()  # unexpected errors get a traceback once per type and place, then one line
+
+
+def _log(request: Request[Any, Any, Any], problem: Problem, exc: Exception) -> None:
+    """One short line per failed request (the request id comes from the log format), rate-limited."""
+    if problem.status == 499 or not _limiter.allow():
+        return
+    more = f" ({_limiter.suppressed} similar lines suppressed)" if _limiter.suppressed else ""
+    _limiter.suppressed = 0
+    line = f"{request.method} {request.url.path} -> {problem.status} {problem.code}: {problem.message[:200]}{more}"
+    if problem.code == "internal_error":
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f"{type(exc).__name__}@{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else type(exc).__name__
+        first = where not in _traced
+        _traced.add(where)
+        log.error("%s [%s: %s]", line, type(exc).__name__, str(exc)[:200], exc_info=exc if first else None)
+    elif problem.status >= 500:
+        log.warning("%s", line)
+    else:
+        log.info("%s", line)
+
+
 def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     problem = classify(exc)
-    if problem.status >= 500 and problem.code == "internal_error":
-        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    _log(request, problem, exc)
     if request.url.path.startswith("/embed"):
         error_type = "Empty" if "empty" in problem.message else _TEI_TYPES.get(problem.status, "Validation")
         body: Any = {"error": problem.message, "error_type": error_type}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 import msgspec
@@ -21,6 +22,10 @@ def decode_body(body: bytes, struct: type[msgspec.Struct]) -> Any:
         raise InvalidRequest(f"invalid request: {msg}", param=param) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid UTF-8 (byte {exc.start}): send UTF-8 encoded JSON") from None
+    except RecursionError:
+        raise InvalidRequest("request body is nested too deeply; send a flat JSON object") from None
 
 
 def request_timeout(value: str | None) -> float | None:
@@ -38,13 +43,25 @@ def request_timeout(value: str | None) -> float | None:
     return seconds
 
 
+# One rule for both dialects: a text must contain something to embed. Empty, whitespace-only, control-
+# character-only (NUL...) and zero-width-only texts all embed to the same meaningless vector (the model
+# sees only its special tokens), so they are refused rather than silently indexed.
+_BLANK = "has no visible text (it is empty, or only whitespace, control or zero-width characters)"
+
+
+def _visible(text: str) -> bool:
+    if text.strip() and text.isprintable():  # the common case, at C speed
+        return True
+    return any(not ch.isspace() and unicodedata.category(ch) not in ("Cc", "Cf", "Zs", "Zl", "Zp") for ch in text)
+
+
 def parse_texts(value: Any, param: str, max_inputs: int) -> list[str]:
     """A string or a non-empty list of non-empty strings; token-id arrays are refused by name."""
     if value is None or value is msgspec.UNSET:
         raise InvalidRequest(f"`{param}` is required", param=param)
     if isinstance(value, str):
-        if not value:
-            raise InvalidRequest(f"`{param}` must not be an empty string", param=param)
+        if not _visible(value):
+            raise InvalidRequest(f"`{param}` {_BLANK}", param=param)
         return [value]
     if not isinstance(value, list):
         raise InvalidRequest(f"`{param}` must be a string or a list of strings", param=param)
@@ -56,8 +73,8 @@ def parse_texts(value: Any, param: str, max_inputs: int) -> list[str]:
         )
     for i, item in enumerate(value):
         if isinstance(item, str):
-            if not item:
-                raise InvalidRequest(f"`{param}[{i}]` is an empty string", param=param)
+            if not _visible(item):
+                raise InvalidRequest(f"`{param}[{i}]` {_BLANK}", param=param)
             continue
         if isinstance(item, (int, list)) and not isinstance(item, bool):
             raise InvalidRequest(

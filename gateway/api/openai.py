@@ -8,7 +8,8 @@ from typing import Any, Literal
 import msgspec
 from litestar import Request, Response, post
 
-from gateway.api.inputs import decode_body, parse_texts, request_timeout
+from gateway.api.inputs import decode_body, parse_texts
+from gateway.api.serve import serve_embeddings
 from gateway.errors import InvalidRequest
 from gateway.pipeline import EmbedRequest
 from gateway.runtime import Runtime
@@ -49,7 +50,7 @@ def to_request(body: bytes, max_inputs: int) -> EmbedRequest:
     req: OpenAIEmbeddingRequest = decode_body(body, OpenAIEmbeddingRequest)
     if not req.model:
         raise InvalidRequest("`model` is required", param="model")
-    encoding = req.encoding_format or "float"
+    encoding = "float" if req.encoding_format is None else req.encoding_format
     if encoding not in ("float", "base64"):
         raise InvalidRequest(
             f"encoding_format {encoding!r} is not supported; use 'float' or 'base64'", param="encoding_format"
@@ -70,9 +71,10 @@ def render(result: EmbedResult, req: EmbedRequest) -> bytes:
     return _encode(_Response(data=items, model=req.model, usage=usage))
 
 
+def _parse(body: bytes, runtime: Runtime) -> EmbedRequest:
+    return to_request(body, runtime.settings.server.max_inputs)
+
+
 @post("/v1/embeddings", status_code=200)
 async def create_embeddings(request: Request[Any, Any, Any]) -> Response[bytes]:
-    runtime: Runtime = request.app.state.runtime
-    req = to_request(await request.body(), runtime.settings.server.max_inputs)
-    result = await runtime.service.embed(req, request_timeout(request.headers.get("x-request-timeout")))
-    return Response(render(result, req), media_type="application/json", headers=runtime.result_headers(result))
+    return await serve_embeddings(request, _parse, render)

@@ -21,7 +21,10 @@ async def health() -> dict[str, str]:
 
 @get("/ready")
 async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
+    """200 when every model has a healthy compatible backend *and* its first agreement check has finished:
+    from then on every backend that agreed can take over at once if another fails."""
     rt = _runtime(request)
+    assert rt.consistency is not None
     healthy: dict[str, list[str]] = {m: [] for m in rt.profiles}
     router = rt.service.router
     for model in healthy:
@@ -29,13 +32,20 @@ async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
             if st.healthy and st.breaker.available():
                 healthy[model].append(st.backend.name)
     lacking = sorted(m for m, names in healthy.items() if not names)
-    body: dict[str, Any] = {"status": "not ready" if lacking else "ready", "models": healthy}
+    checking = sorted(m for m in rt.profiles if not rt.consistency.bootstrapped(m))
+    not_ready = bool(lacking or checking)
+    body: dict[str, Any] = {"status": "not ready" if not_ready else "ready", "models": healthy}
     if lacking:
         body["models_without_healthy_backend"] = lacking
+    if checking:
+        body["models_checking_agreement"] = checking
+    pending = {m: names for m in rt.profiles if (names := rt.consistency.pending(m))}
+    if pending:
+        body["pending_verification"] = pending
     quarantined = [st.backend.name for st in rt.states if str(st.agreement) == "disagree"]
     if quarantined:
         body["quarantined"] = quarantined
-    return Response(body, status_code=503 if lacking else 200)
+    return Response(body, status_code=503 if not_ready else 200)
 
 
 @get("/v1/models")
@@ -83,6 +93,8 @@ async def backends(request: Request[Any, Any, Any]) -> dict[str, Any]:
             "last_latency_ms": st.last_latency_ms,
             "latency_ewma_ms": st.latency_ewma_ms,
             "in_flight": st.in_flight,
+            "queued": st.admission.queued,
+            "concurrency_limit": st.admission.limit,
             "requests": st.requests,
             "failures": st.failures,
         }
@@ -93,12 +105,19 @@ async def backends(request: Request[Any, Any, Any]) -> dict[str, Any]:
                 "error": sup.error,
             }
         out.append(entry)
-    return {"object": "list", "data": out}
+    body: dict[str, Any] = {"object": "list", "data": out}
+    if rt.consistency is not None and rt.consistency.errors:
+        body["agreement_check_errors"] = dict(rt.consistency.errors)
+    return body
 
 
 @get("/metrics", media_type="text/plain; version=0.0.4")
 async def metrics(request: Request[Any, Any, Any]) -> bytes:
     rt = _runtime(request)
     for st in rt.states:  # circuit state is derived (open -> half-open happens by the clock): read it now
-        rt.metrics.circuit_open.labels(st.backend.name).set(0 if str(st.breaker.state) == "closed" else 1)
+        name = st.backend.name
+        rt.metrics.circuit_open.labels(name).set(0 if str(st.breaker.state) == "closed" else 1)
+        rt.metrics.backend_in_flight.labels(name).set(st.in_flight)
+        rt.metrics.backend_queued.labels(name).set(st.admission.queued)
+        rt.metrics.backend_concurrency.labels(name).set(st.admission.limit)
     return rt.metrics.render()

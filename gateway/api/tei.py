@@ -7,10 +7,12 @@ from typing import Any
 import msgspec
 from litestar import Request, Response, post
 
-from gateway.api.inputs import decode_body, parse_texts, request_timeout
+from gateway.api.inputs import decode_body, parse_texts
+from gateway.api.serve import serve_embeddings
 from gateway.errors import InvalidRequest
 from gateway.pipeline import EmbedRequest
 from gateway.runtime import Runtime
+from gateway.service import EmbedResult
 
 
 class TEIEmbedRequest(msgspec.Struct):
@@ -40,12 +42,14 @@ def to_request(body: bytes, default_model: str, max_inputs: int) -> EmbedRequest
     return EmbedRequest(req.model or default_model, texts, req.prompt_name, req.dimensions, "float")
 
 
+def _parse(body: bytes, runtime: Runtime) -> EmbedRequest:
+    return to_request(body, runtime.default_model, runtime.settings.server.max_inputs)
+
+
+def _render(result: EmbedResult, _req: EmbedRequest) -> bytes:
+    return _encode(result.vectors.tolist())
+
+
 @post("/embed", status_code=200)
 async def embed(request: Request[Any, Any, Any]) -> Response[bytes]:
-    runtime: Runtime = request.app.state.runtime
-    server = runtime.settings.server
-    req = to_request(await request.body(), runtime.default_model, server.max_inputs)
-    result = await runtime.service.embed(req, request_timeout(request.headers.get("x-request-timeout")))
-    return Response(
-        _encode(result.vectors.tolist()), media_type="application/json", headers=runtime.result_headers(result)
-    )
+    return await serve_embeddings(request, _parse, _render)

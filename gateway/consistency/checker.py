@@ -22,18 +22,33 @@ from pathlib import Path
 
 import numpy as np
 
-from backends.base import BackendInfo
-from backends.errors import BackendError, BadBackendOutput, InputRejected, PayloadTooLarge
+from backends.base import BackendInfo, Embeddings
+from backends.errors import (
+    BackendError,
+    BackendOverloaded,
+    BackendTimeout,
+    BackendUnavailable,
+    BadBackendOutput,
+    InputRejected,
+    PayloadTooLarge,
+)
 from config.profiles import ModelProfile
+from gateway.calls import BackendCalls, Purpose
 from gateway.consistency.pooling import POOLINGS, reproduce
 from gateway.consistency.probes import Probe, probe_set
 from gateway.consistency.report import BackendResult, Finding, Report, Verdict
-from gateway.router import check_output
+from gateway.errors import DeadlineExceeded
+from gateway.metrics import Metrics
+from gateway.resilience.deadline import Deadline
 from gateway.state import BackendState
 
 log = logging.getLogger(__name__)
 
+# Checks are not latency-critical: on a busy machine a verdict late beats no verdict ("could not be
+# checked"). Generous timeouts, and retries of transient failures before giving up on a backend.
 _CALL_TIMEOUT_S = 60.0
+_DESCRIBE_TIMEOUT_S = 15.0
+_ATTEMPTS = 3
 _CHUNK = 16
 
 
@@ -46,6 +61,17 @@ class _Vectors:
     rejected: set[int]
 
 
+@dataclass(frozen=True)
+class RecordedReference:
+    """The reference's probe vectors from its last live check: what a backend is judged against while
+    the reference itself is down (so a healthy, identical fallback can still be verified)."""
+
+    backend: str
+    probe_texts: tuple[str, ...]
+    vectors: _Vectors
+    recorded_at: float
+
+
 class Checker:
     def __init__(
         self,
@@ -54,12 +80,19 @@ class Checker:
         states: Sequence[BackendState],
         reference: str | None = None,
         gguf: Path | None = None,
+        calls: BackendCalls | None = None,
+        recorded: RecordedReference | None = None,
+        only: set[str] | None = None,
     ) -> None:
         self.model = model
         self.profile = profile
         self.states = sorted(states, key=lambda st: st.backend.priority)
         self.reference_name = reference or (self.states[0].backend.name if self.states else None)
         self.gguf = gguf
+        self.calls = calls or BackendCalls({model: profile.dimension}, Metrics())
+        self.recorded = recorded
+        self.only = only  # check just these backends (and the reference), e.g. to rescue a request
+        self.recording: RecordedReference | None = None  # the reference's vectors when it answered live
 
     # -- the check -------------------------------------------------------------------------------
     async def run(self) -> Report:
@@ -81,7 +114,11 @@ class Checker:
         vectors: dict[str, _Vectors | BackendError] = {}
         # A backend known to be down is not waited for: it is checked again when it recovers.
         down = BackendError("", "unhealthy: it will be checked when it recovers")
-        live = [st for st in self.states if not st.unreachable]
+        live = [
+            st
+            for st in self.states
+            if not st.unreachable and (self.only is None or st.backend.name in self.only | {self.reference_name})
+        ]
         results = await asyncio.gather(*(self._vectors(st, probes, prompt_names) for st in live))
         for st in self.states:
             vectors[st.backend.name] = down
@@ -89,11 +126,28 @@ class Checker:
             vectors[st.backend.name] = res
         ref_state = next((st for st in self.states if st.backend.name == self.reference_name), None)
         ref = vectors.get(self.reference_name or "")
+        texts = tuple(pr.text for pr in probes)
         if isinstance(ref, _Vectors) and ref_state is not None:
             report.reference = self.reference_name
+            self.recording = RecordedReference(ref_state.backend.name, texts, ref, time.time())
+        elif (rec := self.recorded) is not None and rec.backend == self.reference_name and rec.probe_texts == texts:
+            ref = rec.vectors
+            report.reference = self.reference_name
+            when = time.strftime("%H:%M:%S", time.localtime(rec.recorded_at))
+            report.findings.append(
+                Finding(
+                    rec.backend,
+                    "recorded_reference",
+                    "info",
+                    f"the reference could not be embedded now; the others are judged against its vectors "
+                    f"recorded at {when}",
+                )
+            )
         for st in self.states:
             name = st.backend.name
             res = vectors[name]
+            if self.only is not None and name not in self.only and name != self.reference_name:
+                continue  # not part of this (partial) check
             if isinstance(res, BackendError):
                 report.backends.append(self._failed(st, res, report))
                 continue
@@ -140,9 +194,9 @@ class Checker:
 
     async def _describe(self, st: BackendState) -> BackendInfo | None:
         try:
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(_DESCRIBE_TIMEOUT_S):
                 info = await st.backend.describe()
-            st.info = info
+            st.learn(info)
             return info
         except (BackendError, TimeoutError):
             return st.info
@@ -186,14 +240,12 @@ class Checker:
         while i < len(texts):
             chunk = texts[i : i + size]
             try:
-                async with asyncio.timeout(_CALL_TIMEOUT_S):
-                    out = await st.backend.embed(chunk, prompt_name)
+                out = await self._call(st, chunk, prompt_name)
             except PayloadTooLarge:
                 if size == 1:
                     raise
                 size = max(1, size // 2)  # its limit is lower than it said: smaller batches
                 continue
-            check_output(st.backend.name, out, len(chunk), self.profile.dimension)
             parts.append(out.vectors.astype(np.float64))
             i += len(chunk)
         return np.concatenate(parts)
@@ -229,6 +281,30 @@ class Checker:
     @staticmethod
     def _send(st: BackendState, prefix: str, text: str) -> str:
         return text if st.backend.applies_prompt else prefix + text
+
+    async def _call(self, st: BackendState, texts: list[str], prompt_name: str | None) -> Embeddings:
+        """One checked call through the guarded path (nothing recorded against the backend), retried."""
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                return await self.calls.embed(
+                    st,
+                    texts,
+                    prompt_name,
+                    deadline=Deadline(_CALL_TIMEOUT_S),
+                    purpose=Purpose.CHECK,
+                    timeout_s=_CALL_TIMEOUT_S,
+                )
+            except DeadlineExceeded as exc:
+                raise BackendTimeout(st.backend.name, f"no answer within {_CALL_TIMEOUT_S:g}s") from exc
+            except BackendError as exc:
+                # Refused connections, 503s and 429s pass on a busy machine; a wrong answer does not.
+                transient = isinstance(exc, (BackendUnavailable, BackendOverloaded)) and not isinstance(
+                    exc, BackendTimeout
+                )
+                if not transient or attempt == _ATTEMPTS:
+                    raise
+                await asyncio.sleep(0.5 * attempt)
+        raise AssertionError("unreachable")
 
     # -- judging ---------------------------------------------------------------------------------
     @staticmethod

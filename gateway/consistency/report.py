@@ -61,6 +61,9 @@ class Report:
     def result(self, name: str) -> BackendResult | None:
         return next((b for b in self.backends if b.name == name), None)
 
+    def summary(self) -> str:
+        return ", ".join(f"{b.name}={b.verdict}" for b in self.backends) or "no backend checked"
+
     @property
     def disagreement(self) -> bool:
         return any(b.verdict is Verdict.DISAGREE for b in self.backends)

@@ -1,9 +1,14 @@
 """Enforcement: run the checker at start-up, periodically and after a backend recovers; keep the
 compatible set of each model to the reference and the backends that agree with it.
 
-A disagreeing backend leaves the set until it passes again. When the reference is unavailable nothing
-can be verified: quarantined and pending backends stay out (a disagreeing backend never becomes the
-reference by default), already-verified ones keep serving, and with none left the model answers 503.
+A disagreeing backend leaves the set until it passes again. When the reference is unavailable, the
+others are judged against the reference's probe vectors recorded at its last live check, so a healthy
+fallback that produces the same vectors is still admitted; a disagreeing backend never becomes the
+reference by default.
+
+Failover never waits for the next scheduled check: when every compatible backend of a model fails and
+a healthy backend is still pending verification, the request starts (or joins) a check of that backend
+within its own deadline and is served by it if it agrees (`rescue`).
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from pathlib import Path
 
 from config.profiles import ModelProfile
 from config.settings import ConsistencySettings
-from gateway.consistency.checker import Checker
+from gateway.calls import BackendCalls
+from gateway.consistency.checker import Checker, RecordedReference
 from gateway.consistency.report import Report, Verdict
+from gateway.resilience.deadline import Deadline
 from gateway.state import BackendState
 from gateway.tasks import cancel_all
 
@@ -32,6 +39,7 @@ class ConsistencyService:
         states: Sequence[BackendState],
         references: dict[str, str | None],
         gguf_for: Callable[[str], Path | None] = lambda _model: None,
+        calls: BackendCalls | None = None,
     ) -> None:
         self.settings = settings
         self.profiles = profiles
@@ -46,6 +54,10 @@ class ConsistencyService:
         self._wanted: dict[str, asyncio.Event] = {m: asyncio.Event() for m in self._by_model}
         self._bootstrapped: dict[str, asyncio.Event] = {m: asyncio.Event() for m in self._by_model}
         self._anchor: dict[str, str] = {}
+        self._calls = calls
+        self._recorded: dict[str, RecordedReference] = {}
+        self._rescues: dict[str, asyncio.Task[None]] = {}
+        self.errors: dict[str, str] = {}  # model -> why its last check failed outright (shown in /v1/backends)
         for group in self._by_model.values():
             for st in group:
                 st.agreement = Verdict.PENDING if settings.enabled else Verdict.UNCHECKED
@@ -84,6 +96,42 @@ class ConsistencyService:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout=timeout_s)
 
+    def bootstrapped(self, model: str) -> bool:
+        """The model's first agreement check has finished (so every agreeing backend can take over)."""
+        event = self._bootstrapped.get(model)
+        return not self.settings.enabled or event is None or event.is_set()
+
+    def pending(self, model: str) -> list[str]:
+        return [st.backend.name for st in self._by_model.get(model, []) if st.agreement is Verdict.PENDING]
+
+    async def rescue(self, model: str, deadline: Deadline) -> bool:
+        """Every compatible backend failed: verify healthy pending ones now, within `deadline`.
+
+        True when the compatible set gained a backend (the caller tries again). Concurrent requests
+        share one rescue check; a request that gives up leaves it running for the next one.
+        """
+        if not self.settings.enabled:
+            return False
+        group = self._by_model.get(model, [])
+        candidates = {st.backend.name for st in group if st.agreement is Verdict.PENDING and st.healthy is not False}
+        if not candidates:
+            return False
+        before = {st.backend.name for st in self.members(model, group)}
+        task = self._rescues.get(model)
+        if task is None or task.done():
+            task = asyncio.create_task(self._rescue_check(model, candidates), name=f"rescue-{model}")
+            self._rescues[model] = task
+        with contextlib.suppress(TimeoutError, Exception):
+            await asyncio.wait_for(asyncio.shield(task), timeout=deadline.remaining())
+        return bool({st.backend.name for st in self.members(model, group)} - before)
+
+    async def _rescue_check(self, model: str, candidates: set[str]) -> None:
+        try:
+            report = await self.check(model, only=candidates)
+            log.info("model %s: rescue check of %s: %s", model, sorted(candidates), report.summary())
+        except Exception as exc:
+            log.warning("model %s: rescue check failed: %s: %s", model, type(exc).__name__, exc)
+
     def members(self, model: str, group: list[BackendState]) -> list[BackendState]:
         """The router's view: who may produce this model's vectors right now."""
         if not self.settings.enabled:
@@ -112,8 +160,19 @@ class ConsistencyService:
     async def _loop(self, model: str) -> None:
         await self._first_health(model)
         while True:
-            with contextlib.suppress(Exception):
+            try:
                 await self.check(model)
+                if self.errors.pop(model, None) is not None:
+                    log.info("model %s: agreement checks run again", model)
+            except Exception as exc:
+                # Never silent: a model left pending with no trace is the worst outcome. Once per cause.
+                message = f"agreement check failed: {type(exc).__name__}: {exc}"
+                if self.errors.get(model) != message:
+                    log.exception("model %s: %s", model, message, exc_info=exc)
+                self.errors[model] = message
+                for st in self._by_model[model]:
+                    if st.agreement is Verdict.PENDING:
+                        st.agreement_detail = message
             wanted = self._wanted[model]
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wanted.wait(), timeout=self.settings.interval_s)
@@ -127,7 +186,8 @@ class ConsistencyService:
             await asyncio.sleep(0.1)
 
     # -- one check -------------------------------------------------------------------------------
-    async def check(self, model: str) -> Report:
+    async def check(self, model: str, only: set[str] | None = None) -> Report:
+        """Check the model's backends (or just `only`, and the reference) and apply the verdicts."""
         async with self._locks[model]:
             group = self._by_model[model]
             reference = self._choose_reference(model)
@@ -144,13 +204,25 @@ class ConsistencyService:
                     log.warning(
                         "model %s: reference %s unavailable; %s (verified) takes over", model, previous, reference
                     )
-            checker = Checker(model, self.profiles[model], group, reference, self._gguf_for(model))
+            checker = Checker(
+                model,
+                self.profiles[model],
+                group,
+                reference,
+                self._gguf_for(model),
+                calls=self._calls,
+                recorded=self._recorded.get(model),
+                only=only,
+            )
             try:
                 report = await checker.run()
             finally:
                 self._bootstrapped[model].set()
+            if checker.recording is not None:
+                self._recorded[model] = checker.recording
             self._apply(model, report)
-            self.reports[model] = report
+            if only is None:
+                self.reports[model] = report
             return report
 
     async def check_all(self) -> list[Report]:

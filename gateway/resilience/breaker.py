@@ -63,6 +63,10 @@ class CircuitBreaker:
     def remaining_open_s(self) -> float:
         return max(0.0, self._open_until - self._clock()) if self.state is CircuitState.OPEN else 0.0
 
+    def held_s(self) -> float:
+        """Seconds left of a Retry-After the backend itself asked for (0 when none)."""
+        return max(0.0, self._hold_until - self._clock()) if self.state is CircuitState.OPEN else 0.0
+
     def available(self) -> bool:
         """Could a call go through now? (No side effect: use `allow()` to actually take the slot.)"""
         state = self.state

@@ -13,7 +13,8 @@ T = TypeVar("T")
 async def hedged(first: Callable[[], Awaitable[T]], second: Callable[[], Awaitable[T]] | None, delay: float) -> T:
     """`first()`, and `second()` too once `delay` passes without an answer; the first success wins.
 
-    The loser is cancelled. When both fail, the first error is raised.
+    The loser is cancelled. When both fail, the first call's error is raised (the second may only
+    have found nobody to ask).
     """
     primary = asyncio.ensure_future(first())
     pending: set[asyncio.Future[T]] = {primary}
@@ -28,8 +29,8 @@ async def hedged(first: Callable[[], Awaitable[T]], second: Callable[[], Awaitab
                 if task.exception() is None:
                     return task.result()
                 error = error or task.exception()
-        assert error is not None
-        raise error
+        first_error = primary.exception() if primary.done() and not primary.cancelled() else None
+        raise first_error or error or RuntimeError("hedged call ended without an outcome")
     finally:
         for task in pending:  # the loser, or everything when we are cancelled
             task.cancel()

@@ -29,6 +29,7 @@ class TeiConfig:
     max_client_batch_size: int = 32
     auto_truncate: bool = True
     api_key: str | None = None
+    max_concurrent_requests: int = 512
     version: str = "1.9.3"  # >= 1.9 answers validation errors with 422, older with 413
 
 
@@ -75,7 +76,7 @@ class TeiServer(ContractServer):
             "model_dtype": "float32",
             "served_model_name": c.model_id,
             "model_type": {"embedding": {"pooling": c.pooling}},
-            "max_concurrent_requests": 512,
+            "max_concurrent_requests": self.config.max_concurrent_requests,
             "max_input_length": c.max_input_length,
             "max_batch_tokens": 16384,
             "max_batch_requests": None,

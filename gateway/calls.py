@@ -1,0 +1,215 @@
+"""The one guarded call path to a backend: every embedding call - client traffic, health probes and
+agreement checks - goes through `BackendCalls.embed`.
+
+It owns, in one place: the circuit breaker's permission, admission (a bounded number of calls at the
+backend, the rest queued here), in-flight counting, the call's timeout *versus the request's
+deadline*, output checks, error classification, and the bookkeeping (breaker, latency EWMA, metrics).
+
+The rule it enforces everywhere: time that ran out because of the *request's* deadline (or a client
+that went away) never counts against a backend. Only a call that used its own full timeout, or failed
+on its own, is a backend failure. And no call starts with less time left than it could use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+
+from backends.base import Embeddings
+from backends.errors import (
+    BackendError,
+    BackendMisconfigured,
+    BackendOverloaded,
+    BackendTimeout,
+    BackendUnavailable,
+    BadBackendOutput,
+    InputRejected,
+    PayloadTooLarge,
+)
+from gateway.errors import DeadlineExceeded
+from gateway.metrics import Metrics
+from gateway.resilience.deadline import Deadline
+from gateway.state import BackendState
+
+log = logging.getLogger(__name__)
+
+
+class Purpose(StrEnum):
+    REQUEST = "request"  # client traffic: admission, breaker, latency, metrics
+    CHECK = "check"  # agreement checks: admission (they share the backend's slots), nothing recorded
+    HEALTH = "health"  # health probes: bypass the queue (they measure the backend, not our queue)
+
+
+@dataclass(frozen=True, slots=True)
+class CallPolicy:
+    min_attempt_s: float = 0.01  # never start a call with less time left than this...
+    min_attempt_share: float = 0.5  # ...or than this share of the backend's usual call time
+
+
+def check_output(backend: str, out: Embeddings, n: int, dimension: int) -> None:
+    """A wrong count, wrong dimension, non-finite or zero vector is a backend failure, never client data."""
+    v = out.vectors
+    if v.ndim != 2 or v.shape[0] != n:
+        raise BadBackendOutput(backend, f"returned {v.shape[0] if v.ndim else 0} vectors for {n} inputs")
+    if v.shape[1] != dimension:
+        raise BadBackendOutput(backend, f"returned dimension {v.shape[1]}, the model profile says {dimension}")
+    if not np.isfinite(v).all():
+        raise BadBackendOutput(backend, "returned non-finite numbers (NaN or infinity)")
+    if n and not np.any(v, axis=1).all():
+        raise BadBackendOutput(backend, "returned an all-zero vector")
+
+
+def classify(backend: str, exc: Exception) -> BackendError:
+    if isinstance(exc, BackendError):
+        return exc
+    if isinstance(exc, TimeoutError):
+        return BackendTimeout(backend, "no answer within the call's timeout")
+    # An adapter bug must cost one backend attempt, not the client's request.
+    log.exception("backend %s raised an unexpected error", backend, exc_info=exc)
+    return BackendUnavailable(backend, f"unexpected error: {type(exc).__name__}")
+
+
+class BackendCalls:
+    def __init__(self, dimensions: dict[str, int], metrics: Metrics, policy: CallPolicy | None = None) -> None:
+        self._dimensions = dimensions
+        self._metrics = metrics
+        self.policy = policy or CallPolicy()
+
+    def call_timeout(self, st: BackendState, n: int) -> float:
+        """The backend's own time for `n` texts: its `timeout_s` plus `timeout_per_text_s` per text."""
+        config = getattr(st.backend, "config", None)
+        return float(config.call_timeout_s(n)) if config is not None else 5.0 + 0.05 * n
+
+    def too_late(self, st: BackendState, deadline: Deadline) -> bool:
+        """Less time left than the backend usually takes: the call would only be cut off (and waste it)."""
+        usual = (st.latency_ewma_ms or 0.0) / 1000 * self.policy.min_attempt_share
+        return deadline.remaining() < max(self.policy.min_attempt_s, usual)
+
+    async def embed(
+        self,
+        st: BackendState,
+        texts: Sequence[str],
+        prompt_name: str | None,
+        *,
+        deadline: Deadline,
+        purpose: Purpose = Purpose.REQUEST,
+        permitted: bool = False,
+        timeout_s: float | None = None,
+    ) -> Embeddings:
+        """One call; `texts` already carry the prompt when the backend expects that.
+
+        `permitted`: the breaker's permission was taken by the caller (the router's attempt plan);
+        every way out of here that is not a verdict on the backend gives it back.
+        """
+        verdict = False
+        try:
+            out = await self._admitted(st, texts, prompt_name, deadline, purpose, timeout_s)
+            verdict = True
+            return out
+        except BackendError as exc:
+            verdict = purpose is Purpose.REQUEST and not isinstance(exc, PayloadTooLarge)
+            raise
+        finally:
+            if permitted and not verdict:
+                st.breaker.release()
+
+    async def _admitted(
+        self,
+        st: BackendState,
+        texts: Sequence[str],
+        prompt_name: str | None,
+        deadline: Deadline,
+        purpose: Purpose,
+        timeout_s: float | None,
+    ) -> Embeddings:
+        name = st.backend.name
+        if purpose is Purpose.HEALTH:
+            return await self._timed(st, texts, prompt_name, deadline, purpose, timeout_s)
+        if self.too_late(st, deadline):
+            raise DeadlineExceeded(f"the request's deadline left too little time to call backend {name!r}")
+        queued_at = time.perf_counter()
+        try:
+            await st.admission.acquire(deadline.remaining())
+        except TimeoutError:
+            self._metrics.admission_timeouts.labels(name).inc()
+            raise DeadlineExceeded(
+                f"the request's deadline passed while waiting for backend {name!r} "
+                f"({st.admission.limit} calls at a time)"
+            ) from None
+        try:
+            self._metrics.admission_wait_seconds.labels(name).observe(time.perf_counter() - queued_at)
+            if self.too_late(st, deadline):
+                raise DeadlineExceeded(f"the request's deadline passed while waiting for backend {name!r}")
+            return await self._timed(st, texts, prompt_name, deadline, purpose, timeout_s)
+        finally:
+            st.admission.release()
+
+    async def _timed(
+        self,
+        st: BackendState,
+        texts: Sequence[str],
+        prompt_name: str | None,
+        deadline: Deadline,
+        purpose: Purpose,
+        timeout_s: float | None,
+    ) -> Embeddings:
+        backend = st.backend
+        own = timeout_s if timeout_s is not None else self.call_timeout(st, len(texts))
+        remaining = deadline.remaining()
+        cut_by_deadline = remaining < own
+        counts = purpose is Purpose.REQUEST
+        st.in_flight += 1
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(min(own, remaining)):
+                out = await backend.embed(texts, prompt_name)
+            check_output(backend.name, out, len(texts), self._dimensions[backend.model])
+        except TimeoutError as exc:
+            elapsed = time.perf_counter() - started
+            if cut_by_deadline:
+                # The request's deadline, not the backend, ran out: nothing is recorded against it.
+                if counts:
+                    self._metrics.backend_call(backend.name, "deadline", elapsed)
+                msg = f"no answer from backend {backend.name!r} within the request's deadline"
+                raise DeadlineExceeded(msg) from exc
+            timeout_error = BackendTimeout(backend.name, f"no answer within {own:.1f}s for {len(texts)} texts")
+            if counts:
+                self._failed(st, timeout_error, elapsed)
+            raise timeout_error from exc
+        except asyncio.CancelledError:
+            raise  # the client went away or a sibling sub-batch failed: no verdict on the backend
+        except Exception as exc:
+            error = classify(backend.name, exc)
+            if counts:
+                self._failed(st, error, time.perf_counter() - started)
+            raise error from exc
+        finally:
+            st.in_flight -= 1
+        if counts:
+            elapsed = time.perf_counter() - started
+            st.breaker.record_success()
+            st.record_success(elapsed)
+            self._metrics.backend_call(backend.name, "ok", elapsed)
+        return out
+
+    def _failed(self, st: BackendState, error: BackendError, elapsed: float) -> None:
+        self._metrics.backend_call(st.backend.name, error.kind, elapsed)
+        if isinstance(error, InputRejected):
+            st.breaker.record_success()  # the backend answered sensibly; the input was at fault
+            return
+        if isinstance(error, PayloadTooLarge):
+            st.breaker.release()
+            st.info = None  # its limits changed under us: the next health check learns them again
+            return
+        hold = error.retry_after if isinstance(error, BackendOverloaded) else None
+        st.breaker.record_failure(hold_open_s=hold)
+        st.record_failure(error.message)
+        if st.should_log(error.message):
+            level = logging.ERROR if isinstance(error, BackendMisconfigured) else logging.WARNING
+            log.log(level, "backend %s failed (%s): %s", st.backend.name, error.kind, error.message)
