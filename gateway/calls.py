@@ -75,6 +75,13 @@ def classify(backend: str, exc: Exception) -> BackendError:
     return BackendUnavailable(backend, f"unexpected error: {type(exc).__name__}")
 
 
+def _settle(task: asyncio.Future[Embeddings], st: BackendState) -> None:
+    """A call ended (answered, failed or shut down): free its slot; nobody may be left to read the error."""
+    st.admission.release()
+    if not task.cancelled():
+        task.exception()
+
+
 class BackendCalls:
     def __init__(self, dimensions: dict[str, int], metrics: Metrics, policy: CallPolicy | None = None) -> None:
         self._dimensions = dimensions
@@ -129,8 +136,9 @@ class BackendCalls:
         timeout_s: float | None,
     ) -> Embeddings:
         name = st.backend.name
+        own = timeout_s if timeout_s is not None else self.call_timeout(st, len(texts))
         if purpose is Purpose.HEALTH:
-            return await self._timed(st, texts, prompt_name, deadline, purpose, timeout_s)
+            return await self._timed(st, texts, prompt_name, min(own, deadline.remaining()), purpose)
         if self.too_late(st, deadline):
             raise DeadlineExceeded(f"the request's deadline left too little time to call backend {name!r}")
         queued_at = time.perf_counter()
@@ -142,48 +150,42 @@ class BackendCalls:
                 f"the request's deadline passed while waiting for backend {name!r} "
                 f"({st.admission.limit} calls at a time)"
             ) from None
-        try:
-            self._metrics.admission_wait_seconds.labels(name).observe(time.perf_counter() - queued_at)
-            if self.too_late(st, deadline):
-                raise DeadlineExceeded(f"the request's deadline passed while waiting for backend {name!r}")
-            return await self._timed(st, texts, prompt_name, deadline, purpose, timeout_s)
-        finally:
+        self._metrics.admission_wait_seconds.labels(name).observe(time.perf_counter() - queued_at)
+        if self.too_late(st, deadline):
             st.admission.release()
+            raise DeadlineExceeded(f"the request's deadline passed while waiting for backend {name!r}")
+        # The call runs as its own task and frees its slot when the backend answers. A caller that
+        # stops waiting (client gone, request deadline) leaves it running: backends such as llama.cpp
+        # finish abandoned work anyway, so the slot stays taken until they have - the next calls queue
+        # here instead of piling onto a backend still busy with work nobody wants - and the backend
+        # is judged only on its own timeout, never on the client's.
+        call = asyncio.ensure_future(self._timed(st, texts, prompt_name, own, purpose))
+        call.add_done_callback(lambda task: _settle(task, st))
+        try:
+            async with asyncio.timeout(deadline.remaining()):
+                return await asyncio.shield(call)
+        except TimeoutError:  # the request's deadline (the call's own timeout raises BackendTimeout)
+            if purpose is Purpose.REQUEST:
+                self._metrics.backend_call(name, "deadline", time.perf_counter() - queued_at)
+            raise DeadlineExceeded(f"no answer from backend {name!r} within the request's deadline") from None
 
     async def _timed(
-        self,
-        st: BackendState,
-        texts: Sequence[str],
-        prompt_name: str | None,
-        deadline: Deadline,
-        purpose: Purpose,
-        timeout_s: float | None,
+        self, st: BackendState, texts: Sequence[str], prompt_name: str | None, own: float, purpose: Purpose
     ) -> Embeddings:
+        """The backend call itself, bounded by the backend's own timeout; the outcome is recorded."""
         backend = st.backend
-        own = timeout_s if timeout_s is not None else self.call_timeout(st, len(texts))
-        remaining = deadline.remaining()
-        cut_by_deadline = remaining < own
         counts = purpose is Purpose.REQUEST
         st.in_flight += 1
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(min(own, remaining)):
+            async with asyncio.timeout(own):
                 out = await backend.embed(texts, prompt_name)
             check_output(backend.name, out, len(texts), self._dimensions[backend.model])
         except TimeoutError as exc:
-            elapsed = time.perf_counter() - started
-            if cut_by_deadline:
-                # The request's deadline, not the backend, ran out: nothing is recorded against it.
-                if counts:
-                    self._metrics.backend_call(backend.name, "deadline", elapsed)
-                msg = f"no answer from backend {backend.name!r} within the request's deadline"
-                raise DeadlineExceeded(msg) from exc
-            timeout_error = BackendTimeout(backend.name, f"no answer within {own:.1f}s for {len(texts)} texts")
+            error: BackendError = BackendTimeout(backend.name, f"no answer within {own:.1f}s for {len(texts)} texts")
             if counts:
-                self._failed(st, timeout_error, elapsed)
-            raise timeout_error from exc
-        except asyncio.CancelledError:
-            raise  # the client went away or a sibling sub-batch failed: no verdict on the backend
+                self._failed(st, error, time.perf_counter() - started)
+            raise error from exc
         except Exception as exc:
             error = classify(backend.name, exc)
             if counts:

@@ -149,15 +149,27 @@ def test_models_ready_and_backends(gw: RunningGateway) -> None:
         and p["healthy"] is True
         and p["url"].startswith("http://127.0.0.1:")
     )
-    assert "last_error" in p and p["last_latency_ms"] is not None
+    assert p["last_error"] is None and p["last_latency_ms"] > 0 and p["failures"] == 0
 
 
-def test_metrics_exposed(gw: RunningGateway) -> None:
-    post(gw, {"model": "minilm", "input": "count me"})
-    text = httpx.get(gw.url + "/metrics").text
-    assert 'embedding_gateway_backend_calls_total{backend="minilm-primary",outcome="ok"}' in text
-    assert 'embedding_gateway_requests_total{route="/v1/embeddings",status="200"}' in text
-    assert 'embedding_gateway_inputs_total{model="minilm"}' in text
+def _sample(text: str, series: str) -> float:
+    line = next((ln for ln in text.splitlines() if ln.startswith(series + " ")), None)
+    return float(line.rsplit(" ", 1)[1]) if line else 0.0
+
+
+def test_metrics_count_what_happened(gw: RunningGateway) -> None:
+    calls = 'embedding_gateway_backend_calls_total{backend="minilm-primary",outcome="ok"}'
+    ok = 'embedding_gateway_requests_total{route="/v1/embeddings",status="200"}'
+    bad = 'embedding_gateway_requests_total{route="/v1/embeddings",status="400"}'
+    inputs = 'embedding_gateway_inputs_total{model="minilm"}'
+    before = httpx.get(gw.url + "/metrics").text
+    assert post(gw, {"model": "minilm", "input": ["count me", "and me", "and me too"]}).status_code == 200
+    assert post(gw, {"model": "minilm", "input": [1, 2]}).status_code == 400
+    after = httpx.get(gw.url + "/metrics").text
+    assert _sample(after, ok) - _sample(before, ok) == 1
+    assert _sample(after, bad) - _sample(before, bad) == 1
+    assert _sample(after, inputs) - _sample(before, inputs) == 3  # texts served, not requests
+    assert _sample(after, calls) - _sample(before, calls) >= 1
 
 
 BAD_OPENAI = [

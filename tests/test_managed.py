@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from backends.managed.process import free_port
+from backends.managed.process import LlamaCppProcess, free_port
 from tests.conftest import CACHE
-from tests.helpers import answers_200, run_gateway, wait_until
+from tests.helpers import answers_200, cli_gateway, run_gateway, wait_until
 
 MANAGED = {
     "resilience": {"health_interval_s": 0.5},
@@ -84,3 +85,66 @@ def test_cli_serves_the_embedded_default_and_stops_cleanly(minilm_gguf: Path, tm
     assert b"Traceback" not in out
     for child in children:
         assert not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text().lower()
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def test_killed_gateway_leaves_no_orphan_and_never_shows_the_key(minilm_gguf: Path) -> None:
+    """kill -9 of the gateway takes its llama.cpp child down within seconds; the key is in no argv."""
+    secret = "sk-managed-do-not-show-me"
+    backend = {**MANAGED["backends"][0], "api_key": secret}
+    settings = {**MANAGED, "backends": [backend], "consistency": {"enabled": False}}
+    with cli_gateway(settings) as gw:
+        child = httpx.get(f"{gw.url}/v1/backends").json()["data"][0]["managed"]["pid"]
+        assert child and Path(f"/proc/{child}").exists()
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        assert secret not in ps and secret not in _cmdline(child) and secret not in _cmdline(gw.proc.pid)
+        # The child still demands the key (it came through the environment).
+        r = httpx.post(f"{gw.url}/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "x"})
+        assert r.status_code == 200
+        gw.proc.send_signal(signal.SIGKILL)
+        gw.proc.wait()
+        wait_until(lambda: not Path(f"/proc/{child}").exists() or "zombie" in _status(child), timeout=10)
+
+
+def _status(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return "zombie"
+
+
+def test_a_stale_child_on_the_port_is_stopped_by_the_next_gateway(minilm_gguf: Path, tmp_path: Path) -> None:
+    port = free_port()
+    stale = LlamaCppProcess(gguf=minilm_gguf, port=port, parallel=1, threads=1)  # left behind by "an earlier gateway"
+    stale.start()
+    stale.wait_ready()
+    pidfile = tmp_path / "run" / "local.pid"
+    pidfile.parent.mkdir(parents=True)
+    pidfile.write_text(f"{stale.proc.pid}\n")  # type: ignore[union-attr]
+    managed = {"gguf": str(minilm_gguf), "port": port, "cache_dir": str(tmp_path), "threads": 1, "parallel": 1}
+    cfg = {**MANAGED, "backends": [{**MANAGED["backends"][0], "managed": managed}]}
+    try:
+        with run_gateway(cfg) as gw, gw.client() as c:
+            assert stale.proc is not None and stale.proc.poll() is not None  # stopped, not left serving
+            own = c.get("/v1/backends").json()["data"][0]["managed"]
+            assert own["pid"] != stale.proc.pid and own["restarts"] == 0
+            assert c.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "x"}).status_code == 200
+            assert pidfile.read_text().strip() == str(own["pid"])
+        assert not pidfile.exists()  # a clean stop removes it
+    finally:
+        stale.stop()
+
+
+def test_a_stranger_on_the_port_is_reported_not_killed(minilm_gguf: Path, tmp_path: Path) -> None:
+    with socket.socket() as stranger:
+        stranger.bind(("127.0.0.1", 0))
+        stranger.listen()
+        port = stranger.getsockname()[1]
+        managed = {"gguf": str(minilm_gguf), "port": port, "cache_dir": str(tmp_path), "threads": 1}
+        cfg = {**MANAGED, "backends": [{**MANAGED["backends"][0], "managed": managed}]}
+        with run_gateway(cfg, wait_ready=False) as gw, gw.client() as c:
+            wait_until(lambda: "in use" in (c.get("/v1/backends").json()["data"][0]["managed"]["error"] or ""))
+            assert c.get("/ready").status_code == 503

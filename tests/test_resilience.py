@@ -224,7 +224,8 @@ def test_a_busy_backend_is_not_declared_dead_by_its_own_queue(tei_factory: TeiFa
     backends = [{"name": "busy", "kind": "tei", "model": "minilm", "url": url}]
     resilience = {"health_interval_s": 0.2, "health_timeout_s": 0.3}
     with run_gateway(settings_for(backends, resilience=resilience), wait_ready=False) as gw:
-        wait_until(lambda: backend_entry(gw.url, "busy")["requests"] >= 0)
+        # The gateway is up (its backend list answers); the backend itself may still be unknown.
+        assert backend_entry(gw.url, "busy")["name"] == "busy"
         stop = time.monotonic() + 4
         statuses: list[int] = []
 
@@ -258,7 +259,5 @@ def test_passing_health_checks_cut_a_long_cooldown_short(llama_factory: Callable
         wait_until(lambda: backend_entry(gw.url, "main")["circuit"] == "open")
         server.start()
         server.wait_ready()
-        t0 = time.monotonic()
-        wait_until(lambda: backend_entry(gw.url, "main")["circuit"] == "closed", timeout=15)
-        assert time.monotonic() - t0 < 15  # not the 60 s cool-down
+        wait_until(lambda: backend_entry(gw.url, "main")["circuit"] == "closed", timeout=15)  # not after 60 s
         wait_until(lambda: embed(gw, "minilm", "y").headers["x-embedding-backend"] == "main")

@@ -65,9 +65,17 @@ def stop_stale(pidfile: Path) -> int | None:
         os.kill(pid, signal.SIGTERM)
         for _ in range(50):
             time.sleep(0.1)
-            os.kill(pid, 0)
+            if _gone(pid):
+                return pid
         os.kill(pid, signal.SIGKILL)
     return pid
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return "State:\tZ" in Path(f"/proc/{pid}/status").read_text()  # a zombie holds no port
+    except OSError:
+        return True
 
 
 def free_port() -> int:
