@@ -99,8 +99,10 @@ class OpenAICompatAdapter:
     async def embed(self, texts: Sequence[str], prompt_name: str | None = None) -> Embeddings:
         async with transport_errors(self.name):
             resp = await self._client.post(
-                "/v1/embeddings", content=self._request_body(texts), timeout=self._call_timeout(len(texts)),
-                headers={"Content-Type": "application/json"}
+                "/v1/embeddings",
+                content=self._request_body(texts),
+                timeout=self._call_timeout(len(texts)),
+                headers={"Content-Type": "application/json"},
             )
         if resp.status_code != 200:
             raise self._error(resp)

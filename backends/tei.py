@@ -74,8 +74,10 @@ class TeiAdapter:
             body["prompt_name"] = prompt_name
         async with transport_errors(self.name):
             resp = await self._client.post(
-                "/embed", content=msgspec.json.encode(body), timeout=self._call_timeout(len(texts)),
-                headers={"Content-Type": "application/json"}
+                "/embed",
+                content=msgspec.json.encode(body),
+                timeout=self._call_timeout(len(texts)),
+                headers={"Content-Type": "application/json"},
             )
         if resp.status_code != 200:
             raise self._error(resp)

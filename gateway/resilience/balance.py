@@ -82,7 +82,6 @@ class AttemptPlan:
         """Seconds until the first circuit may close: at least 1, and never past the next health check
         (a passing check ends a cool-down early), unless the backend itself asked for longer."""
         waits = [
-            max(st.breaker.held_s(), min(st.breaker.remaining_open_s(), self._retry_after_cap_s))
-            for st in self.members
+            max(st.breaker.held_s(), min(st.breaker.remaining_open_s(), self._retry_after_cap_s)) for st in self.members
         ]
         return max(1.0, min(waits)) if waits else 1.0
