@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from backends.managed.process import free_port  # noqa: E402
 
 DIM = 384
-_VEC = base64.b64encode((np.ones(DIM, dtype="<f4") / np.sqrt(DIM)).tobytes()).decode()
+_VEC = base64.b64encode((np.ones(DIM) / np.sqrt(DIM)).astype("<f4").tobytes()).decode()
 
 
 async def stub(scope: dict[str, Any], receive: Any, send: Any) -> None:
