@@ -54,7 +54,10 @@ class LlamaCppAdapter(OpenAICompatAdapter):
             pooling=_POOLING_NAMES.get(pooling, pooling) if pooling is not None else None,
             dimension=meta.get("n_embd"),
             max_input_tokens=settings.get("n_ctx") or meta.get("n_ctx"),
-            max_concurrency=p.get("total_slots") if isinstance(p.get("total_slots"), int) else None,
+            # Two calls per slot: one computing, one waiting at the server, so the slots stay busy across
+            # the gateway's round trip (bench/chaos.py: +10-20% throughput over one per slot) while the
+            # server's own queue stays bounded.
+            max_concurrency=2 * p["total_slots"] if isinstance(p.get("total_slots"), int) else None,
             extra={"ftype": meta.get("ftype") or p.get("model_ftype"), "total_slots": p.get("total_slots")},
         )
 

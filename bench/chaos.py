@@ -111,6 +111,9 @@ async def chaos(primary: LlamaCppProcess, duration: float, kills: int, down_s: f
     return events
 
 
+MAX_CONCURRENCY = ""  # set from --max-concurrency: a line added to each backend
+
+
 def gateway_config(port: int, primary_url: str, spare_url: str, primary_kind: str = "llamacpp") -> str:
     return f"""
 [server]
@@ -125,12 +128,14 @@ kind = "{primary_kind}"
 model = "minilm"
 url = "{primary_url}"
 priority = 0
+{MAX_CONCURRENCY}
 [[backends]]
 name = "spare"
 kind = "llamacpp"
 model = "minilm"
 url = "{spare_url}"
 priority = 1
+{MAX_CONCURRENCY}
 """
 
 
@@ -278,7 +283,11 @@ def main() -> int:
     ap.add_argument("--down", type=float, default=5.0, help="seconds the primary stays dead each time")
     ap.add_argument("--scenario", choices=["kill", "hostile", "slowed", "all"], default="all")
     ap.add_argument("--slow", type=float, default=0.25, help="seconds added to each call of the slowed primary")
-    return asyncio.run(main_async(ap.parse_args()))
+    ap.add_argument("--max-concurrency", type=int, default=0, help="backends' max_concurrency (0: learned)")
+    args = ap.parse_args()
+    global MAX_CONCURRENCY
+    MAX_CONCURRENCY = f"max_concurrency = {args.max_concurrency}" if args.max_concurrency else ""
+    return asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ are exactly the traffic a bulk job must not crowd out.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 from gateway.errors import Overloaded
@@ -25,30 +25,26 @@ class WorkBudget:
     bytes: int = 0
     texts: int = 0
 
-    @contextmanager
-    def body(self, size: int) -> Iterator[None]:
-        if size > SMALL_BYTES and self.bytes + size > self.max_bytes:
-            raise Overloaded(
-                f"the gateway is processing {self.bytes // 1024} KiB of request bodies (limit "
-                f"server.max_inflight_bytes = {self.max_bytes // 1024} KiB); retry shortly or send smaller requests",
-                retry_after=1,
-            )
-        self.bytes += size
-        try:
-            yield
-        finally:
-            self.bytes -= size
+    def body(self, size: int) -> AbstractContextManager[None]:
+        """Hold `size` bytes of request body while it is read and processed."""
+        return self._hold("bytes", size, SMALL_BYTES, self.max_bytes, "KiB of request bodies", "max_inflight_bytes")
+
+    def work(self, texts: int) -> AbstractContextManager[None]:
+        """Hold `texts` texts while they are embedded."""
+        return self._hold("texts", texts, SMALL_TEXTS, self.max_texts, "texts", "max_inflight_texts")
 
     @contextmanager
-    def work(self, texts: int) -> Iterator[None]:
-        if texts > SMALL_TEXTS and self.texts + texts > self.max_texts:
+    def _hold(self, field: str, amount: int, small: int, limit: int, what: str, key: str) -> Iterator[None]:
+        held: int = getattr(self, field)
+        if amount > small and held + amount > limit:
+            scale = 1024 if field == "bytes" else 1
             raise Overloaded(
-                f"the gateway is embedding {self.texts} texts (limit server.max_inflight_texts = "
-                f"{self.max_texts}); retry shortly or send smaller requests",
+                f"the gateway is processing {held // scale} {what} (limit server.{key} = {limit // scale}); "
+                "retry shortly or send smaller requests",
                 retry_after=1,
             )
-        self.texts += texts
+        setattr(self, field, held + amount)
         try:
             yield
         finally:
-            self.texts -= texts
+            setattr(self, field, getattr(self, field) - amount)
