@@ -26,6 +26,8 @@ class _Backend(BaseModel):
         None, gt=0, description="calls at once at this backend (the rest queue in the gateway); default: what it states"
     )
     api_key: SecretStr | None = None
+    shadow: bool = Field(False, description="compare with live traffic (a sample); never serve a client")
+    shadow_sample: float = Field(0.05, ge=0, le=1, description="share of live requests a shadow also embeds")
 
     def call_timeout_s(self, texts: int) -> float:
         """The time one call of `texts` texts may take at the backend (time queued in the gateway aside)."""

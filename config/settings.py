@@ -81,6 +81,9 @@ class ConsistencySettings(BaseModel):
     require_verification: bool = Field(
         True, description="a backend serves only after it passed a check (the reference always serves)"
     )
+    on_space_drift: Literal["refuse", "warn"] = Field(
+        "refuse", description="when every backend leaves a model's pinned space: refuse (503) or warn and serve"
+    )
 
 
 class ModelConfig(BaseModel):
@@ -104,8 +107,12 @@ class ModelConfig(BaseModel):
     reference_gguf: Path | None = Field(
         None, description="GGUF of the model: lets the checker reproduce other poolings to name a pooling mismatch"
     )
+    space: Path | None = Field(
+        None, description="a pinned space file (embedding-gateway space record), relative to the config file"
+    )
 
     _resolved: ModelProfile | None = PrivateAttr(None)
+    _space: Any = PrivateAttr(None)  # the loaded pinned space (gateway.consistency.space.Space)
 
     @model_validator(mode="after")
     def _resolve(self) -> ModelConfig:
@@ -114,7 +121,9 @@ class ModelConfig(BaseModel):
             if self.profile not in BUILTIN_PROFILES:
                 raise ValueError(f"unknown profile {self.profile!r}; built-in profiles: {sorted(BUILTIN_PROFILES)}")
             base = BUILTIN_PROFILES[self.profile].model_dump()
-        overrides = self.model_dump(exclude={"name", "profile", "reference", "reference_gguf"}, exclude_none=True)
+        overrides = self.model_dump(
+            exclude={"name", "profile", "reference", "reference_gguf", "space"}, exclude_none=True
+        )
         # New prompts invalidate the profile's default unless it still names one of them.
         if (
             "prompts" in overrides
@@ -210,7 +219,7 @@ class ConfigError(Exception):
     """An invalid configuration: one readable message, no traceback (the CLI exits 2)."""
 
 
-def load_settings(path: Path | str | None) -> GatewaySettings:
+def load_settings(path: Path | str | None, *, load_spaces: bool = True) -> GatewaySettings:
     """Read the TOML file at `path` (may be None: environment only) and apply env overrides.
 
     String values may reference environment variables as `${NAME}`, so secrets can stay out of the
@@ -225,11 +234,29 @@ def load_settings(path: Path | str | None) -> GatewaySettings:
         data = _expand(_read_toml(path), path, ())
     _CURRENT_FILE_DATA = data
     try:
-        return GatewaySettings()
+        settings = GatewaySettings()
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path)) from None
     finally:
         _CURRENT_FILE_DATA = None
+    if load_spaces:
+        load_spaces_of(settings, path)
+    return settings
+
+
+def load_spaces_of(settings: GatewaySettings, path: Path | None) -> None:
+    """Pinned spaces, relative to the config file; unreadable, corrupt or contradicting ones stop start-up."""
+    from gateway.consistency.space import SpaceError, load
+
+    base = path.parent if path is not None else Path.cwd()
+    for i, m in enumerate(settings.models):
+        if m.space is None:
+            continue
+        m.space = (base / m.space.expanduser()).resolve()
+        try:
+            m._space = load(m.space, m.name, m.resolved)
+        except SpaceError as exc:
+            raise ConfigError(f"invalid configuration ({path or 'environment'}):\n  models[{i}].space: {exc}") from None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

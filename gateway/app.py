@@ -22,6 +22,7 @@ def create_app(settings: GatewaySettings) -> RequestContext:
             ops.health,
             ops.ready,
             ops.models,
+            ops.model,
             ops.backends,
             ops.metrics,
             consistency.last_reports,

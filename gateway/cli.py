@@ -80,6 +80,13 @@ async def _check(settings: GatewaySettings, *, as_json: bool, wait_s: float) -> 
     finally:
         await runtime.stop()
     code = 1 if any(r.disagreement for r in reports) else 2 if any(r.errors for r in reports) else 0
+    unpinned = [m.name for m in settings.models if m.space is None]
+    if unpinned and not as_json:
+        print(
+            f"warning: models {unpinned} have no pinned space: each process judges against whatever its reference "
+            "produces now. In production record one (embedding-gateway space record) and set [[models]] space.",
+            file=sys.stderr,
+        )
     if as_json:
         result = {0: "agree", 1: "disagree", 2: "error"}[code]
         print(json.dumps({"result": result, "exit_code": code, "models": [r.to_dict() for r in reports]}, indent=2))
@@ -114,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the reports as JSON")
     check.add_argument("--wait", type=float, default=15.0, help="seconds to wait for backends to come up")
     check.set_defaults(func=cmd_check)
+    from gateway.space_cli import add_parser
+
+    add_parser(sub)
     return parser
 
 

@@ -108,6 +108,55 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.space_info = Gauge(
+            "embedding_gateway_space_info",
+            "1 for the embedding space each model serves (pinned, or computed from its live reference).",
+            ["model", "space_id"],
+            registry=self.registry,
+        )
+        self.agreement_min_cosine = Gauge(
+            "embedding_gateway_agreement_min_cosine",
+            "Lowest probe cosine of the backend against its model's space at the last check.",
+            ["model", "backend"],
+            registry=self.registry,
+        )
+        self.space_drift = Gauge(
+            "embedding_gateway_space_drift",
+            "1 while every backend of the model produces vectors outside its pinned space.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.admission_gate_seconds = Histogram(
+            "embedding_gateway_admission_gate_seconds",
+            "From a backend becoming healthy to its admission by the quick gate against a pinned space.",
+            ["backend"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.shadow_cosine = Histogram(
+            "embedding_gateway_shadow_cosine",
+            "Cosine between a shadow backend's vector and the one served, per sampled text.",
+            ["model", "backend"],
+            buckets=(0.5, 0.9, 0.97, 0.99, 0.995, 0.999, 0.9995, 0.9999, 1.0),
+            registry=self.registry,
+        )
+        self.shadow_dropped = Counter(
+            "embedding_gateway_shadow_dropped_total",
+            "Sampled requests not sent to a shadow because its comparisons were already at their bound.",
+            ["model", "backend"],
+            registry=self.registry,
+        )
+        self._spaces: dict[str, str] = {}
+
+    def set_space(self, model: str, space_id: str) -> None:
+        previous = self._spaces.get(model)
+        if previous == space_id:
+            return
+        if previous is not None:
+            self.space_info.remove(model, previous)
+        self.space_info.labels(model, space_id).set(1)
+        self._spaces[model] = space_id
+
     def backend_call(self, backend: str, outcome: str, seconds: float) -> None:
         self.backend_calls.labels(backend, outcome).inc()
         self.backend_seconds.labels(backend).observe(seconds)

@@ -74,6 +74,7 @@ class Router:
         gate: Callable[[str, float], Awaitable[None]] | None = None,
         calls: BackendCalls | None = None,
         rescue: Callable[[str, Deadline], Awaitable[bool]] | None = None,
+        explain: Callable[[str], str | None] = lambda _model: None,
     ) -> None:
         self._by_model: dict[str, list[BackendState]] = {}
         for st in states:
@@ -87,6 +88,7 @@ class Router:
         # When no compatible backend can serve: verify a pending one now (within the deadline); True
         # when the compatible set grew, so the request is tried again instead of failing.
         self._rescue = rescue
+        self._explain = explain  # why a model has no compatible backend, when there is more to say
 
     def members(self, model: str) -> list[BackendState]:
         """The model's compatible set: the only backends that may produce its vectors."""
@@ -117,9 +119,8 @@ class Router:
             raise DeadlineExceeded(f"the request's deadline passed before model {model!r} could be called")
         members = self.members(model)
         if not members:
-            raise NoBackendAvailable(
-                f"model {model!r} has no compatible backend in service", retry_after=self.policy.retry_after_cap_s
-            )
+            reason = self._explain(model) or f"model {model!r} has no compatible backend in service"
+            raise NoBackendAvailable(reason, retry_after=self.policy.retry_after_cap_s)
         slices = split(texts, self._chunk_size(members), self._token_budget(members))
         if len(slices) == 1:
             part = await self._subbatch(model, members, texts, prompt, deadline)

@@ -7,6 +7,7 @@ Start-up never waits on a backend: managed servers and health polls run in backg
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -44,6 +45,7 @@ class Runtime:
         self.default_model = settings.server.default_model or settings.models[0].name
         self.budget = WorkBudget(settings.server.max_inflight_bytes, settings.server.max_inflight_texts)
         self.supervisors: dict[str, Supervisor] = {}
+        self.started_at = int(time.time())
         self.states: list[BackendState] = []
         self._service: EmbeddingService | None = None
         self.health: HealthMonitor | None = None
@@ -96,6 +98,8 @@ class Runtime:
             {m.name: m.reference for m in self.settings.models},
             gguf_for=self._gguf_for,
             calls=calls,
+            spaces={m.name: m._space for m in self.settings.models if m._space is not None},
+            metrics=self.metrics,
         )
         router = Router(
             self.states,
@@ -106,8 +110,9 @@ class Runtime:
             gate=self.consistency.wait_bootstrap,
             calls=calls,
             rescue=self.consistency.rescue,
+            explain=self.consistency.unavailable_reason,
         )
-        self._service = EmbeddingService(self.profiles, router)
+        self._service = EmbeddingService(self.profiles, router, space_of=self.consistency.space_id)
         self.health = HealthMonitor(
             self.states,
             r,
@@ -143,7 +148,10 @@ class Runtime:
             await sup.stop()
 
     def result_headers(self, result: EmbedResult) -> dict[str, str]:
-        return {"x-embedding-backend": ",".join(result.backends)}
+        headers = {"x-embedding-backend": ",".join(result.backends)}
+        if result.space_id is not None:
+            headers["x-embedding-space"] = result.space_id
+        return headers
 
     @asynccontextmanager
     async def lifespan(self, _app: Litestar) -> AsyncIterator[None]:

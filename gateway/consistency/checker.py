@@ -37,6 +37,7 @@ from gateway.calls import BackendCalls, Purpose
 from gateway.consistency.pooling import POOLINGS, reproduce
 from gateway.consistency.probes import Probe, probe_set
 from gateway.consistency.report import BackendResult, Finding, Report, Verdict
+from gateway.consistency.space import Space
 from gateway.errors import DeadlineExceeded
 from gateway.metrics import Metrics
 from gateway.resilience.deadline import Deadline
@@ -83,6 +84,8 @@ class Checker:
         calls: BackendCalls | None = None,
         recorded: RecordedReference | None = None,
         only: set[str] | None = None,
+        space: Space | None = None,
+        probes: list[Probe] | None = None,
     ) -> None:
         self.model = model
         self.profile = profile
@@ -93,6 +96,12 @@ class Checker:
         self.recorded = recorded
         self.only = only  # check just these backends (and the reference), e.g. to rescue a request
         self.recording: RecordedReference | None = None  # the reference's vectors when it answered live
+        # A pinned space: every backend (the one it was recorded on included) is judged against its
+        # recorded vectors; there is no live reference.
+        self.space = space
+        if space is not None:
+            self.reference_name = None
+        self._probes = probes  # a fixed probe set (a quick admission gate), else the full one
 
     # -- the check -------------------------------------------------------------------------------
     async def run(self) -> Report:
@@ -106,7 +115,12 @@ class Checker:
         infos = await asyncio.gather(*(self._describe(st) for st in self.states if not st.unreachable))
         infos = self._align(infos)
         limits = [p.max_input_tokens] + [i.max_input_tokens for i in infos if i and i.max_input_tokens]
-        probes = probe_set(min(limits))
+        if self._probes is not None:
+            probes = self._probes
+        elif self.space is not None:
+            probes = list(self.space.probes)
+        else:
+            probes = probe_set(min(limits))
         report.probes = len(probes)
         for st, info in zip(self.states, infos, strict=True):
             report.findings += self._static(st, info)
@@ -127,7 +141,21 @@ class Checker:
         ref_state = next((st for st in self.states if st.backend.name == self.reference_name), None)
         ref = vectors.get(self.reference_name or "")
         texts = tuple(pr.text for pr in probes)
-        if isinstance(ref, _Vectors) and ref_state is not None:
+        if self.space is not None:
+            index = {t: i for i, t in enumerate(self.space.probe_texts)}
+            ref = _Vectors(
+                {
+                    (n, i): self.space.rows[(n, index[t])]
+                    for i, t in enumerate(texts)
+                    for n in prompt_names
+                    if (n, index.get(t, -1)) in self.space.rows
+                },
+                [],
+                set(),
+            )
+            report.reference = f"space {self.space.space_id}"
+            ref_state = self._helper(vectors, ref)
+        elif isinstance(ref, _Vectors) and ref_state is not None:
             report.reference = self.reference_name
             self.recording = RecordedReference(ref_state.backend.name, texts, ref, time.time())
         elif (rec := self.recorded) is not None and rec.backend == self.reference_name and rec.probe_texts == texts:
@@ -155,7 +183,7 @@ class Checker:
             dim = next(iter(res.rows.values())).shape[0] if res.rows else None
             if name == self.reference_name:
                 report.backends.append(BackendResult(name, st.backend.kind, Verdict.REFERENCE, 1.0, 1.0, dim, norms))
-            elif not isinstance(ref, _Vectors) or ref_state is None:
+            elif not isinstance(ref, _Vectors) or (ref_state is None and self.space is None):
                 err = "the reference could not be checked, so this backend cannot be verified"
                 report.backends.append(
                     BackendResult(name, st.backend.kind, Verdict.ERROR, dimension=dim, norm_range=norms, error=err)
@@ -185,6 +213,17 @@ class Checker:
         ]
         report.duration_ms = round((time.perf_counter() - started) * 1000, 1)
         return report
+
+    def _helper(self, vectors: dict[str, _Vectors | BackendError], space: _Vectors) -> BackendState | None:
+        """Against a pinned space: a backend that agrees with it, to re-embed prompt variants when
+        diagnosing another one (there is no live reference)."""
+        for st in self.states:
+            res = vectors.get(st.backend.name)
+            if isinstance(res, _Vectors):
+                cos = self._cosines(res, space)
+                if cos and min(cos.values()) >= self.profile.agree_cosine:
+                    return st
+        return None
 
     # -- gathering -------------------------------------------------------------------------------
     def _align(self, infos: list[BackendInfo | None]) -> list[BackendInfo | None]:
@@ -278,6 +317,10 @@ class Checker:
             rows[key] = v / n
         return _Vectors(rows, norms, rejected)
 
+    async def probe_vectors(self, st: BackendState, probes: list[Probe]) -> _Vectors | BackendError:
+        """The probe set embedded on one backend, for each of the model's prompts (to record a space)."""
+        return await self._vectors(st, probes, list(self.profile.prompts) or [None])
+
     @staticmethod
     def _send(st: BackendState, prefix: str, text: str) -> str:
         return text if st.backend.applies_prompt else prefix + text
@@ -333,7 +376,7 @@ class Checker:
         probes: list[Probe],
         prompt_names: list[str | None],
         report: Report,
-        ref_state: BackendState,
+        ref_state: BackendState | None,
         norms: tuple[float, float] | None,
         dim: int | None,
     ) -> BackendResult:
@@ -377,7 +420,7 @@ class Checker:
         self,
         st: BackendState,
         res: _Vectors,
-        ref_state: BackendState,
+        ref_state: BackendState | None,
         cos: dict[tuple[str | None, int], float],
         probes: list[Probe],
         prompt_names: list[str | None],
@@ -389,7 +432,7 @@ class Checker:
         if any(f.backend == name and f.kind in ("dimension",) for f in report.findings):
             return []
         # Prompt: re-embed on the reference each way the prompt could have gone wrong.
-        if p.prompts and not ref_state.backend.applies_prompt:
+        if p.prompts and ref_state is not None and ref_state is not st and not ref_state.backend.applies_prompt:
             found = await self._prompt_variants(st, res, ref_state, probes, prompt_names)
             if found:
                 return found

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -23,12 +24,17 @@ from config.profiles import ModelProfile
 from config.settings import ConsistencySettings
 from gateway.calls import BackendCalls
 from gateway.consistency.checker import Checker, RecordedReference
+from gateway.consistency.probes import Probe
 from gateway.consistency.report import Report, Verdict
+from gateway.consistency.space import Space, live_space_id
+from gateway.metrics import Metrics
 from gateway.resilience.deadline import Deadline
 from gateway.state import BackendState
 from gateway.tasks import cancel_all
 
 log = logging.getLogger(__name__)
+
+_GATE_PROBES = 3  # short probes embedded before a recovered backend is admitted to a pinned space
 
 
 class ConsistencyService:
@@ -40,6 +46,8 @@ class ConsistencyService:
         references: dict[str, str | None],
         gguf_for: Callable[[str], Path | None] = lambda _model: None,
         calls: BackendCalls | None = None,
+        spaces: dict[str, Space] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.profiles = profiles
@@ -58,6 +66,10 @@ class ConsistencyService:
         self._recorded: dict[str, RecordedReference] = {}
         self._rescues: dict[str, asyncio.Task[None]] = {}
         self.errors: dict[str, str] = {}  # model -> why its last check failed outright (shown in /v1/backends)
+        self.spaces = spaces or {}  # pinned spaces by model
+        self.drifted: dict[str, str] = {}  # model -> what happened, while every backend left its pinned space
+        self._metrics = metrics
+        self._gates: dict[str, asyncio.Task[None]] = {}
         for group in self._by_model.values():
             for st in group:
                 st.agreement = Verdict.PENDING if settings.enabled else Verdict.UNCHECKED
@@ -95,6 +107,19 @@ class ConsistencyService:
             return  # the common case, kept cheap: this runs on every request
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout=timeout_s)
+
+    def space_id(self, model: str) -> str | None:
+        """The space the model serves: the pinned one, else computed from its live reference's vectors."""
+        if (space := self.spaces.get(model)) is not None:
+            return space.space_id
+        rec = self._recorded.get(model)
+        return live_space_id(model, self.profiles[model], rec.vectors.rows) if rec is not None else None
+
+    def unavailable_reason(self, model: str) -> str | None:
+        """Why the model has no compatible backend, when there is more to say than "none in service"."""
+        if model in self.drifted and self.settings.on_space_drift == "refuse":
+            return self.drifted[model]
+        return None
 
     def bootstrapped(self, model: str) -> bool:
         """The model's first agreement check has finished (so every agreeing backend can take over)."""
@@ -134,8 +159,11 @@ class ConsistencyService:
 
     def members(self, model: str, group: list[BackendState]) -> list[BackendState]:
         """The router's view: who may produce this model's vectors right now."""
+        group = [st for st in group if not st.shadow]  # a shadow never serves
         if not self.settings.enabled:
             return group
+        if model in self.drifted and self.settings.on_space_drift == "warn":
+            return group  # every backend left the pinned space: serve anyway, loudly (logged, metric)
         if self.settings.require_verification:
             return [st for st in group if st.agreement.compatible]
         return [st for st in group if st.agreement is not Verdict.DISAGREE]
@@ -147,15 +175,49 @@ class ConsistencyService:
         self._tasks = [asyncio.create_task(self._loop(m), name=f"consistency-{m}") for m in self._by_model]
 
     async def stop(self) -> None:
-        await cancel_all(self._tasks)
+        await cancel_all([*self._tasks, *self._gates.values()])
 
     def backend_recovered(self, st: BackendState, healthy: bool) -> None:
         """Health monitor hook: a backend that comes back is re-verified before it serves again."""
         if not self.settings.enabled or not healthy:
             return
+        model = st.backend.model
         if st.agreement is not Verdict.REFERENCE and self.settings.require_verification:
             st.agreement, st.agreement_detail = Verdict.PENDING, "recovered: re-checking agreement"
-        self._wanted[st.backend.model].set()
+        if model in self.spaces and not st.shadow:
+            # Against a pinned space a few probes admit it at once; the full set follows (`_wanted`).
+            task = self._gates.get(st.backend.name)
+            if task is None or task.done():
+                self._gates[st.backend.name] = asyncio.create_task(self._quick_gate(st), name=f"gate-{st.backend.name}")
+            return
+        self._wanted[model].set()
+
+    async def _quick_gate(self, st: BackendState) -> None:
+        model = st.backend.model
+        space = self.spaces[model]
+        started = time.perf_counter()
+        try:
+            short = [p for p in space.probes if not p.long][:_GATE_PROBES]
+            if st.agreement is Verdict.PENDING:
+                report = await self.check(model, only={st.backend.name}, probes=short, keep_report=False)
+                res = report.result(st.backend.name)
+                log.info(
+                    "backend %s: quick admission gate against space %s: %s in %.0f ms",
+                    st.backend.name,
+                    space.space_id,
+                    res.verdict if res else "not checked",
+                    (time.perf_counter() - started) * 1000,
+                )
+                if res is not None and res.verdict.compatible:
+                    st.agreement_detail = "admitted by the quick gate; the full probe set follows"
+                    if self._metrics is not None:
+                        self._metrics.admission_gate_seconds.labels(st.backend.name).observe(
+                            time.perf_counter() - started
+                        )
+        except Exception as exc:
+            log.warning("backend %s: quick admission gate failed: %s", st.backend.name, exc)
+        finally:
+            self._wanted[model].set()  # the full check, which may take it out again
 
     async def _loop(self, model: str) -> None:
         await self._first_health(model)
@@ -186,11 +248,14 @@ class ConsistencyService:
             await asyncio.sleep(0.1)
 
     # -- one check -------------------------------------------------------------------------------
-    async def check(self, model: str, only: set[str] | None = None) -> Report:
+    async def check(
+        self, model: str, only: set[str] | None = None, probes: list[Probe] | None = None, keep_report: bool = True
+    ) -> Report:
         """Check the model's backends (or just `only`, and the reference) and apply the verdicts."""
         async with self._locks[model]:
             group = self._by_model[model]
-            reference = self._choose_reference(model)
+            space = self.spaces.get(model)
+            reference = None if space is not None else self._choose_reference(model)
             previous = self._anchor.get(model)
             if reference is not None and reference != previous:
                 for st in group:
@@ -213,6 +278,8 @@ class ConsistencyService:
                 calls=self._calls,
                 recorded=self._recorded.get(model),
                 only=only,
+                space=space,
+                probes=probes,
             )
             try:
                 report = await checker.run()
@@ -221,9 +288,44 @@ class ConsistencyService:
             if checker.recording is not None:
                 self._recorded[model] = checker.recording
             self._apply(model, report)
-            if only is None:
+            if space is not None and only is None:
+                self._judge_drift(model, report)
+            if only is None and keep_report:
                 self.reports[model] = report
+            self._export(model, report)
             return report
+
+    def _judge_drift(self, model: str, report: Report) -> None:
+        """Every backend that could be checked left the pinned space: the backends changed, not one of them."""
+        judged = [b for b in report.backends if b.verdict is not Verdict.ERROR and not self._is_shadow(b.name)]
+        drifted = bool(judged) and all(b.verdict is Verdict.DISAGREE for b in judged)
+        space = self.spaces[model]
+        if drifted:
+            message = (
+                f"every backend of model {model!r} now produces vectors outside its pinned space {space.space_id} "
+                f"(recorded {space.recorded.get('at', '?')} on {space.recorded.get('backend', '?')}): the backends "
+                "changed (an upgrade, another model file). Either roll the backends back, or record a new space "
+                "(embedding-gateway space record) and re-index every vector stored from the old one"
+            )
+            if model not in self.drifted:
+                log.error("SPACE DRIFT: %s (on_space_drift = %s)", message, self.settings.on_space_drift)
+            self.drifted[model] = message
+        elif self.drifted.pop(model, None) is not None:
+            log.info("model %s: backends agree with the pinned space %s again", model, space.space_id)
+        if self._metrics is not None:
+            self._metrics.space_drift.labels(model).set(1 if drifted else 0)
+
+    def _is_shadow(self, name: str) -> bool:
+        return any(st.shadow for group in self._by_model.values() for st in group if st.backend.name == name)
+
+    def _export(self, model: str, report: Report) -> None:
+        if self._metrics is None:
+            return
+        for b in report.backends:
+            if b.min_cosine is not None:
+                self._metrics.agreement_min_cosine.labels(model, b.name).set(b.min_cosine)
+        if (sid := self.space_id(model)) is not None:
+            self._metrics.set_space(model, sid)
 
     async def check_all(self) -> list[Report]:
         return [await self.check(m) for m in self._by_model]
