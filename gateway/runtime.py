@@ -26,6 +26,7 @@ from gateway.resilience.breaker import BreakerPolicy, CircuitBreaker
 from gateway.resilience.retry import RetryPolicy
 from gateway.router import Router, RoutingPolicy
 from gateway.service import EmbeddingService
+from gateway.shadow import Shadows
 from gateway.state import BackendState
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ class Runtime:
         self._service: EmbeddingService | None = None
         self.health: HealthMonitor | None = None
         self.consistency: ConsistencyService | None = None
+        self.shadows: Shadows | None = None
 
     @property
     def service(self) -> EmbeddingService:
@@ -112,7 +114,10 @@ class Runtime:
             rescue=self.consistency.rescue,
             explain=self.consistency.unavailable_reason,
         )
-        self._service = EmbeddingService(self.profiles, router, space_of=self.consistency.space_id)
+        self.shadows = Shadows(self.states, calls, self.metrics)
+        self._service = EmbeddingService(
+            self.profiles, router, space_of=self.consistency.space_id, shadows=self.shadows
+        )
         self.health = HealthMonitor(
             self.states,
             r,
@@ -138,6 +143,8 @@ class Runtime:
         return None
 
     async def stop(self) -> None:
+        if self.shadows is not None:
+            await self.shadows.stop()
         if self.consistency is not None:
             await self.consistency.stop()
         if self.health is not None:

@@ -295,3 +295,58 @@ def test_a_space_with_prompts_records_every_prompt(tmp_path: Path, primary: Llam
     with run_gateway(settings_for([llamacpp_backend("f16", primary.url)], [{**model, "space": str(out)}])) as gw:
         r = embed(gw, "minilm", "q", prompt_name="query")
         assert r.status_code == 200 and r.headers["x-embedding-space"] == load(out).space_id
+
+
+# -- shadows -------------------------------------------------------------------------------------
+def shadow(name: str, url: str, sample: float = 1.0) -> dict[str, Any]:
+    return llamacpp_backend(name, url, priority=5, shadow=True, shadow_sample=sample)
+
+
+def test_shadows_are_scored_on_live_traffic_and_never_serve(
+    primary: LlamaCppProcess, q8: LlamaCppProcess, perturbed: LlamaCppProcess
+) -> None:
+    backends = [
+        llamacpp_backend("f16", primary.url),
+        shadow("q8-shadow", q8.url),
+        shadow("odd-shadow", perturbed.url),
+        shadow("dead-shadow", f"http://127.0.0.1:{free_port()}"),
+    ]
+    texts = [f"Live traffic sentence number {i} about the sea and the sunset." for i in range(12)]
+    direct = httpx.post(f"{primary.url}/v1/embeddings", json={"input": texts}).json()["data"]
+    direct_vectors = np.asarray([d["embedding"] for d in sorted(direct, key=lambda d: d["index"])])
+    with run_gateway(settings_for(backends)) as gw:
+        for i in range(0, 12, 3):
+            r = embed(gw, "minilm", texts[i : i + 3])
+            assert r.status_code == 200 and r.headers["x-embedding-backend"] == "f16"
+            got = np.asarray([d["embedding"] for d in r.json()["data"]])
+            want = direct_vectors[i : i + 3] / np.linalg.norm(direct_vectors[i : i + 3], axis=1, keepdims=True)
+            assert np.min(np.sum(got * want, axis=1)) > 0.99999  # the answer is the primary's, untouched
+
+        def shadows() -> dict[str, dict[str, Any]]:
+            body = httpx.get(f"{gw.url}/v1/consistency").json()
+            return {s["backend"]: s for s in body["shadows"]}
+
+        wait_until(lambda: shadows()["q8-shadow"]["samples"] == 4 and shadows()["odd-shadow"]["samples"] == 4)
+        wait_until(lambda: shadows()["dead-shadow"]["errors"] == 4)
+        s = shadows()
+        assert s["q8-shadow"]["texts"] == 12 and s["q8-shadow"]["min_cosine"] >= 0.999, s["q8-shadow"]
+        assert s["q8-shadow"]["verdict"] == "agree" and s["q8-shadow"]["p50_cosine"] >= s["q8-shadow"]["p1_cosine"]
+        assert s["odd-shadow"]["verdict"] == "disagree" and s["odd-shadow"]["min_cosine"] < 0.97
+        ready = httpx.get(f"{gw.url}/ready").json()
+        assert ready["models"]["minilm"] == ["f16"]  # shadows are never in the serving set
+        metrics = httpx.get(f"{gw.url}/metrics").text
+        assert 'embedding_gateway_shadow_cosine_count{backend="q8-shadow",model="minilm"} 12.0' in metrics
+        entries = {b["name"]: b for b in httpx.get(f"{gw.url}/v1/backends").json()["data"]}
+        assert entries["q8-shadow"]["shadow"] is True and entries["q8-shadow"]["requests"] == 0
+
+
+def test_check_warns_when_no_space_is_pinned(
+    tmp_path: Path, primary: LlamaCppProcess, recorded: Path, capsys: Any
+) -> None:
+    cfg = toml(tmp_path / "u.toml", [llamacpp_backend("f16", primary.url)])
+    assert main(["check", "--config", str(cfg)]) == 0
+    assert "no pinned space" in capsys.readouterr().err
+    cfg = toml(tmp_path / "p.toml", [llamacpp_backend("f16", primary.url)], pinned(recorded))
+    assert main(["check", "--config", str(cfg)]) == 0
+    captured = capsys.readouterr()
+    assert "no pinned space" not in captured.err and f"space {load(recorded).space_id}" in captured.out

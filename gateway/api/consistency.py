@@ -24,7 +24,8 @@ async def last_reports(request: Request[Any, Any, Any]) -> dict[str, Any]:
     for model in rt.profiles:
         report = rt.consistency.reports.get(model)
         data.append(report.to_dict() if report else {"model": model, "status": "pending"})
-    return {"object": "list", "enabled": rt.settings.consistency.enabled, "data": data}
+    shadows = rt.shadows.report(rt.profiles) if rt.shadows is not None else []
+    return {"object": "list", "enabled": rt.settings.consistency.enabled, "data": data, "shadows": shadows}
 
 
 @post("/v1/consistency", status_code=200)

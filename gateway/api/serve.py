@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from litestar import Request, Response
+from litestar.background_tasks import BackgroundTask
 from litestar.types import Receive
 
 from gateway.api.inputs import request_timeout
@@ -67,4 +68,10 @@ async def serve_embeddings(
         timeout = request_timeout(request.headers.get("x-request-timeout"))
         with budget.work(len(req.texts)):
             result = await until_disconnect(request.receive, runtime.service.embed(req, timeout))
-        return Response(render(result, req), media_type="application/json", headers=runtime.result_headers(result))
+        background = BackgroundTask(result.after) if result.after is not None else None
+        return Response(
+            render(result, req),
+            media_type="application/json",
+            headers=runtime.result_headers(result),
+            background=background,
+        )

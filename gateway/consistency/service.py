@@ -85,7 +85,8 @@ class ConsistencyService:
         configured = self.references.get(model)
         if configured:
             return configured
-        group = sorted(self._by_model.get(model, []), key=lambda st: st.backend.priority)
+        # A shadow is compared, never trusted: it never defines the space.
+        group = sorted((s for s in self._by_model.get(model, []) if not s.shadow), key=lambda st: st.backend.priority)
 
         def usable(st: BackendState) -> bool:
             return st.healthy is not False and st.agreement is not Verdict.DISAGREE
@@ -138,7 +139,11 @@ class ConsistencyService:
         if not self.settings.enabled:
             return False
         group = self._by_model.get(model, [])
-        candidates = {st.backend.name for st in group if st.agreement is Verdict.PENDING and st.healthy is not False}
+        candidates = {
+            st.backend.name
+            for st in group
+            if st.agreement is Verdict.PENDING and st.healthy is not False and not st.shadow
+        }
         if not candidates:
             return False
         before = {st.backend.name for st in self.members(model, group)}
