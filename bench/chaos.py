@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from backends.managed.models import prepare_gguf  # noqa: E402
 from backends.managed.process import LlamaCppProcess, free_port  # noqa: E402
+from bench.cli_gateway import cli_gateway  # noqa: E402
 
 
 def metric_sum(text: str, name: str) -> float:
@@ -141,23 +140,9 @@ priority = 1
 
 async def run_gateway(work: Path, config_text: str, port: int, body: Any) -> tuple[Any, str]:
     """Start the real CLI gateway, wait for /ready, run `body(url)`, return its result and /metrics."""
-    config = work / f"gateway-{port}.toml"
-    config.write_text(config_text)
-    gateway = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)], cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.1)
+    with cli_gateway(work, config_text, port) as (url, _pid):
         result = await body(url)
         return result, httpx.get(f"{url}/metrics").text
-    finally:
-        gateway.send_signal(signal.SIGTERM)
-        gateway.wait(timeout=30)
 
 
 def report(name: str, results: list[tuple[float, int]], duration: float, metrics: str, extra: str = "") -> bool:

@@ -14,8 +14,6 @@ import argparse
 import asyncio
 import base64
 import json
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,6 +29,7 @@ import uvicorn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from backends.managed.process import free_port  # noqa: E402
+from bench.cli_gateway import cli_gateway  # noqa: E402
 
 DIM = 384
 _VEC = base64.b64encode((np.ones(DIM) / np.sqrt(DIM)).astype("<f4").tobytes()).decode()
@@ -99,26 +98,15 @@ model = "minilm"
 url = "{stub_url}"
 max_batch_size = 256
 """)
-    gw = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(work / "gw.toml")], cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        before = rss_mb(gw.pid)
+    with cli_gateway(work, (work / "gw.toml").read_text(), port) as (url, pid):
+        before = rss_mb(pid)
         t = time.perf_counter()
         codes = asyncio.run(burst(url, requests, body))
         elapsed = time.perf_counter() - t
-        peak = rss_mb(gw.pid, "VmHWM")
+        peak = rss_mb(pid, "VmHWM")
         time.sleep(2)
-        after = rss_mb(gw.pid)
+        after = rss_mb(pid)
         return {"before": before, "peak": peak, "after": after, "codes": dict(codes), "seconds": elapsed}
-    finally:
-        gw.send_signal(signal.SIGTERM)
-        gw.wait(timeout=30)
 
 
 def main() -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from backends.managed.models import prepare_gguf  # noqa: E402
 from backends.managed.process import LlamaCppProcess, free_port  # noqa: E402
+from bench.cli_gateway import cli_gateway  # noqa: E402
 from bench.memory import stub  # noqa: E402
 
 
@@ -56,24 +56,6 @@ model = "minilm"
 url = "{url}"
 priority = {priority}
 {extra}"""
-
-
-def start(work: Path, text: str, port: int) -> subprocess.Popen[bytes]:
-    path = work / f"gw-{port}.toml"
-    path.write_text(text)
-    return subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(path)], cwd=ROOT)
-
-
-def wait_ready(url: str, timeout: float = 60) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} not ready")
 
 
 async def load(url: str, duration: float, concurrency: int) -> list[float]:
@@ -108,17 +90,11 @@ def shadow_overhead(args: argparse.Namespace, work: Path, primary: LlamaCppProce
             shadow_backend = backend("shadow", other, 5, extra)
             if kind == "stub":
                 shadow_backend = shadow_backend.replace('kind = "llamacpp"\n', "", 1)
-            gw = start(work, config(port, backend("f16", primary.url) + shadow_backend), port)
-            url = f"http://127.0.0.1:{port}"
-            try:
-                wait_ready(url)
+            with cli_gateway(work, config(port, backend("f16", primary.url) + shadow_backend), port) as (url, _):
                 results[sample] += asyncio.run(load(url, args.duration, args.concurrency))
                 if sample:
                     body = httpx.get(f"{url}/v1/consistency").json()["shadows"][0]
                     print(f"  shadow at 1.0: {body['samples']} samples, {body['dropped']} dropped")
-            finally:
-                gw.send_signal(signal.SIGTERM)
-                gw.wait(timeout=30)
     base, shadowed = (np.array(results[s]) * 1000 for s in (0.0, 1.0))
     for label, lat in (("shadow_sample 0.0", base), ("shadow_sample 1.0", shadowed)):
         print(f"{label}: {len(lat)} requests, p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms")
@@ -151,26 +127,24 @@ def admission(work: Path, primary: LlamaCppProcess, gguf: Path) -> None:
     )
     late = LlamaCppProcess(gguf=gguf, port=free_port(), parallel=2, threads=1)
     port = free_port()
-    gw = start(work, config(port, backend("late", late.url), space), port)
-    url = f"http://127.0.0.1:{port}"
     try:
-        time.sleep(3)  # the gateway is up, its only backend is not
-        late.start()
-        late.wait_ready()
-        healthy = time.monotonic()
-        while httpx.post(f"{url}/v1/embeddings", json={"model": "minilm", "input": "x"}).status_code != 200:
-            time.sleep(0.02)
-        client_s = time.monotonic() - healthy
-        metrics = httpx.get(f"{url}/metrics").text
-        gate = re.search(r'embedding_gateway_admission_gate_seconds_sum\{backend="late"\} ([\d.e+-]+)', metrics)
-        print(
-            f"backend healthy -> admitted: quick gate {float(gate.group(1)) * 1000 if gate else float('nan'):.0f} ms; "
-            f"first 200 seen by a client {client_s * 1000:.0f} ms after the backend answered /health "
-            "(includes the gateway's health-check interval)"
-        )
+        with cli_gateway(work, config(port, backend("late", late.url), space), port, ready=False) as (url, _):
+            time.sleep(3)  # the gateway is up, its only backend is not
+            late.start()
+            late.wait_ready()
+            healthy = time.monotonic()
+            while httpx.post(f"{url}/v1/embeddings", json={"model": "minilm", "input": "x"}).status_code != 200:
+                time.sleep(0.02)
+            client_s = time.monotonic() - healthy
+            metrics = httpx.get(f"{url}/metrics").text
+            gate = re.search(r'embedding_gateway_admission_gate_seconds_sum\{backend="late"\} ([\d.e+-]+)', metrics)
+            gate_ms = float(gate.group(1)) * 1000 if gate else float("nan")
+            print(
+                f"backend healthy -> admitted: quick gate {gate_ms:.0f} ms; "
+                f"first 200 seen by a client {client_s * 1000:.0f} ms after the backend answered /health "
+                "(includes the gateway's health-check interval)"
+            )
     finally:
-        gw.send_signal(signal.SIGTERM)
-        gw.wait(timeout=30)
         late.stop()
 
 
