@@ -162,7 +162,9 @@ def test_a_fallback_that_appears_while_the_reference_is_down_is_verified_and_ser
 # -- 3. slow is not dead ------------------------------------------------------------------------------
 def test_a_2048_text_request_beside_small_ones_on_one_llamacpp(llama_factory: Factory) -> None:
     solo = llama_factory("solo")
-    with run_gateway(settings_for([llamacpp_backend("solo", solo.url)])) as gw:
+    # A generous deadline: this is about trips and the small requests, not how fast one CPU embeds 2048 texts.
+    resilience = {"request_timeout_s": 120.0}
+    with run_gateway(settings_for([llamacpp_backend("solo", solo.url)], resilience=resilience)) as gw:
         assert httpx.get(f"{gw.url}/v1/backends").json()["data"][0]["concurrency_limit"] == 4  # 2 per slot
         stop = threading.Event()
         small: list[tuple[int, float]] = []
@@ -257,7 +259,7 @@ def test_clients_that_disconnect_stop_their_backend_work(primary: LlamaCppProces
         later = metric_sum(gw, "embedding_gateway_backend_calls_total")
         assert later == calls, f"{later - calls} backend calls after every client left"
         # At most the calls already at the backends (two 32-text calls per slot) are ahead of it.
-        assert small_s < max(2.0, 10 * statistics.median(baseline)), small_s
+        assert small_s < max(3.0, 10 * statistics.median(baseline)), small_s
         assert metric_sum(gw, "embedding_gateway_circuit_trips_total") == 0
         assert gw.runtime.budget.texts == 0 and gw.runtime.budget.bytes == 0
 

@@ -43,7 +43,7 @@ async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     pending = {m: names for m in rt.profiles if (names := rt.consistency.pending(m))}
     if pending:
         body["pending_verification"] = pending
-    quarantined = [st.backend.name for st in rt.states if str(st.agreement) == "disagree"]
+    quarantined = [st.backend.name for st in rt.states if str(st.agreement) == "disagree" and not st.shadow]
     if quarantined:
         body["quarantined"] = quarantined
     return Response(body, status_code=503 if not_ready else 200)

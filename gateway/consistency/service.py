@@ -289,7 +289,8 @@ class ConsistencyService:
             try:
                 report = await checker.run()
             finally:
-                self._bootstrapped[model].set()
+                if only is None:  # a partial check (quick gate, rescue) does not establish failover
+                    self._bootstrapped[model].set()
             if checker.recording is not None:
                 self._recorded[model] = checker.recording
             self._apply(model, report)
