@@ -83,11 +83,32 @@ def wrk(url: str, lua: Path, duration: int, connections: int, threads: int) -> d
     return {"rps": rps, "p50_ms": pct("50"), "p99_ms": pct("99"), "non_2xx": float(errors.group(1)) if errors else 0.0}
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def top_frames(raw: Path, n: int = 15) -> list[tuple[float, str]]:
+    """Self time per function from py-spy's collapsed stacks ("a;b;c count" lines)."""
+    counts: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        leaf = stack.rsplit(";", 1)[-1]
+        counts[leaf] = counts.get(leaf, 0) + int(count)
+        total += int(count)
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:n]
+    return [(c / max(1, total), frame) for frame, c in ranked]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--profile", help="write a py-spy collapsed-stack profile of the gateway here")
     args = ap.parse_args()
     for tool in ("nginx", "wrk"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
@@ -139,7 +160,31 @@ enabled = false  # the stub answers one fixed vector: nothing to check
         wrk(f"http://127.0.0.1:{stub_port}/v1/embeddings", lua, 2, args.connections, args.threads)
         wrk(f"http://127.0.0.1:{gw_port}/v1/embeddings", lua, 2, args.connections, args.threads)
         direct = wrk(f"http://127.0.0.1:{stub_port}/v1/embeddings", lua, args.duration, args.connections, args.threads)
+        spy = None
+        if args.profile:  # py-spy (pip install py-spy; not a dependency) samples the gateway during its run
+            spy = subprocess.Popen(
+                [
+                    "py-spy",
+                    "record",
+                    "--format",
+                    "raw",
+                    "-o",
+                    args.profile,
+                    "-d",
+                    str(args.duration),
+                    "-p",
+                    str(gateway.pid),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        cpu_before = _cpu_seconds(gateway.pid)
         through = wrk(f"http://127.0.0.1:{gw_port}/v1/embeddings", lua, args.duration, args.connections, args.threads)
+        through["cpu_ms_per_request"] = (
+            (_cpu_seconds(gateway.pid) - cpu_before) * 1000 / max(1.0, through["rps"] * args.duration)
+        )
+        if spy is not None:
+            spy.wait(timeout=60)
     finally:
         gateway.send_signal(signal.SIGTERM)
         gateway.wait(timeout=30)
@@ -150,6 +195,11 @@ enabled = false  # the stub answers one fixed vector: nothing to check
     print(f"{'path':<10} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'non-2xx':>8}")
     for name, r in (("direct", direct), ("gateway", through)):
         print(f"{name:<10} {r['rps']:>10.0f} {r['p50_ms']:>9.2f} {r['p99_ms']:>9.2f} {r['non_2xx']:>8.0f}")
+    print(f"gateway CPU per request: {through['cpu_ms_per_request']:.3f} ms")
+    if args.profile:
+        print(f"profile (self time, top 15) from {args.profile}:")
+        for share, frame in top_frames(Path(args.profile)):
+            print(f"  {share * 100:5.1f}%  {frame}")
     print(
         f"ratio gateway/direct: throughput {through['rps'] / direct['rps']:.4f}, "
         f"p50 {through['p50_ms'] / direct['p50_ms']:.1f}x, p99 {through['p99_ms'] / direct['p99_ms']:.1f}x"

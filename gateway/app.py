@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from litestar import Litestar
 from litestar.datastructures import State
 
@@ -10,11 +12,16 @@ from gateway.api import consistency, errors, ops
 from gateway.api.context import RequestContext
 from gateway.api.openai import create_embeddings
 from gateway.api.tei import embed
+from gateway.reload import Reloader
 from gateway.runtime import Runtime
 
 
-def create_app(settings: GatewaySettings) -> RequestContext:
+def create_app(settings: GatewaySettings, config_path: Path | None = None) -> RequestContext:
+    """`config_path`: the file SIGHUP reloads (none: no live reload)."""
     runtime = Runtime(settings)
+    state = State({"runtime": runtime})
+    reloader = Reloader(state, config_path)
+    state.reloader = reloader
     app = Litestar(
         route_handlers=[
             create_embeddings,
@@ -30,8 +37,8 @@ def create_app(settings: GatewaySettings) -> RequestContext:
         ],
         exception_handlers={Exception: errors.handle},
         request_max_body_size=settings.server.max_body_bytes,
-        lifespan=[runtime.lifespan],
-        state=State({"runtime": runtime}),
+        lifespan=[reloader.lifespan],
+        state=state,
         openapi_config=None,
         logging_config=None,  # the CLI configures logging once for the whole process
     )

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from config.settings import ConfigError, GatewaySettings, load_settings
 
@@ -46,7 +47,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         settings.server.port = args.port
     configure_logging(settings.server.log_level)
-    app = create_app(settings)
+    path = args.config or os.environ.get("EMBEDDING_GATEWAY_CONFIG")
+    app = create_app(settings, Path(path) if path else None)
     uvicorn.Server(uvicorn_config(app, settings.server)).run()
     return 0
 

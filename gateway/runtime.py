@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +28,6 @@ from gateway.shadow import Shadows
 from gateway.state import BackendState
 
 if TYPE_CHECKING:
-    from litestar import Litestar
 
     from gateway.service import EmbedResult
 
@@ -47,6 +44,7 @@ class Runtime:
         self.budget = WorkBudget(settings.server.max_inflight_bytes, settings.server.max_inflight_texts)
         self.supervisors: dict[str, Supervisor] = {}
         self.started_at = int(time.time())
+        self.active = 0  # embedding requests in flight on this runtime (a reload drains them)
         self.states: list[BackendState] = []
         self._service: EmbeddingService | None = None
         self.health: HealthMonitor | None = None
@@ -59,14 +57,17 @@ class Runtime:
             raise RuntimeError("gateway runtime is not started")
         return self._service
 
-    def start(self) -> None:
+    def start(self, adopt: dict[str, Supervisor] | None = None) -> None:
+        """Build and start everything; `adopt`: running managed servers to take over when unchanged (reload)."""
         backends: list[Backend] = []
         for cfg in self.settings.backends:
             url = None
             if isinstance(cfg, LlamaCppBackend) and cfg.managed is not None:
                 key = cfg.api_key.get_secret_value() if cfg.api_key else None
-                sup = Supervisor(cfg.name, cfg.managed, api_key=key)
-                sup.start()
+                sup = (adopt or {}).get(cfg.name)
+                if sup is None or sup.cfg != cfg.managed or sup.process.api_key != key:
+                    sup = Supervisor(cfg.name, cfg.managed, api_key=key)
+                    sup.start()
                 self.supervisors[cfg.name] = sup
                 url = sup.url
             backends.append(create_backend(cfg, url=url))
@@ -142,7 +143,8 @@ class Runtime:
                 return sup.process.gguf
         return None
 
-    async def stop(self) -> None:
+    async def stop(self, keep: set[str] | None = None) -> None:
+        """Stop everything; `keep`: managed servers handed over to a new runtime (reload)."""
         if self.shadows is not None:
             await self.shadows.stop()
         if self.consistency is not None:
@@ -151,19 +153,12 @@ class Runtime:
             await self.health.stop()
         for st in self.states:
             await st.backend.aclose()
-        for sup in self.supervisors.values():
-            await sup.stop()
+        for name, sup in self.supervisors.items():
+            if name not in (keep or set()):
+                await sup.stop()
 
     def result_headers(self, result: EmbedResult) -> dict[str, str]:
         headers = {"x-embedding-backend": ",".join(result.backends)}
         if result.space_id is not None:
             headers["x-embedding-space"] = result.space_id
         return headers
-
-    @asynccontextmanager
-    async def lifespan(self, _app: Litestar) -> AsyncIterator[None]:
-        self.start()
-        try:
-            yield
-        finally:
-            await self.stop()

@@ -199,13 +199,17 @@ class CliGateway:
 
 @contextmanager
 def cli_gateway(
-    settings: dict[str, Any], *, limit_fds: int | None = None, extra_env: dict[str, str] | None = None
+    settings: dict[str, Any] | Path,
+    *,
+    limit_fds: int | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[CliGateway]:
     """The real `embedding-gateway serve` in its own process (settings through the environment), its
     output collected line by line; optionally with a low open-files limit."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDDING_GATEWAY_")}
-    for key, value in settings.items():
+    config = ["--config", str(settings)] if isinstance(settings, Path) else []
+    for key, value in {} if isinstance(settings, Path) else settings.items():
         env[f"EMBEDDING_GATEWAY_{key.upper()}"] = json.dumps(value)
     env.update(extra_env or {})
 
@@ -214,7 +218,7 @@ def cli_gateway(
             resource.setrlimit(resource.RLIMIT_NOFILE, (limit_fds, limit_fds))
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "gateway.cli", "serve", *config, "--host", "127.0.0.1", "--port", str(port)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -247,3 +251,7 @@ def cli_gateway(
                 proc.kill()
                 proc.wait()
         reader.join(timeout=5)
+
+
+def embed_url(url: str, texts: list[str] | str, model: str = "minilm") -> httpx.Response:
+    return httpx.post(f"{url}/v1/embeddings", json={"model": model, "input": texts}, timeout=60)

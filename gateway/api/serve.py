@@ -61,7 +61,20 @@ async def serve_embeddings(
     parse: Callable[[bytes, Runtime], EmbedRequest],
     render: Callable[[EmbedResult, EmbedRequest], bytes],
 ) -> Response[bytes]:
-    runtime: Runtime = request.app.state.runtime
+    runtime: Runtime = request.app.state.runtime  # this request stays on it, even if a reload swaps it
+    runtime.active += 1
+    try:
+        return await _serve(request, runtime, parse, render)
+    finally:
+        runtime.active -= 1
+
+
+async def _serve(
+    request: Request[Any, Any, Any],
+    runtime: Runtime,
+    parse: Callable[[bytes, Runtime], EmbedRequest],
+    render: Callable[[EmbedResult, EmbedRequest], bytes],
+) -> Response[bytes]:
     budget = runtime.budget
     with budget.body(_content_length(request, runtime.settings.server.max_body_bytes)):
         req = parse(await request.body(), runtime)

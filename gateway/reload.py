@@ -1,0 +1,99 @@
+"""Live reload: SIGHUP re-reads the configuration file and swaps in a new runtime.
+
+The new runtime is built beside the running one and takes over once its first agreement checks are
+done (so it is as ready as the old one: no window of 503s); requests already in flight finish on the
+old runtime, which is then stopped. Managed llama.cpp servers whose configuration did not change are
+handed over, not restarted. A new configuration that does not load keeps the old one running, with
+one log line naming the field. `[server]` settings (address, limits) need a restart to change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from config.settings import ConfigError, load_settings
+from gateway.runtime import Runtime
+
+if TYPE_CHECKING:
+    from litestar import Litestar
+    from litestar.datastructures import State
+
+log = logging.getLogger(__name__)
+
+_TAKEOVER_LIMIT_S = 60.0  # the new runtime takes over after its first checks, or after this long
+
+
+class Reloader:
+    def __init__(self, state: State, config_path: Path | None) -> None:
+        self._state = state
+        self._path = config_path
+        self._lock = asyncio.Lock()
+        self.reloads = 0
+
+    @property
+    def runtime(self) -> Runtime:
+        rt: Runtime = self._state.runtime
+        return rt
+
+    @asynccontextmanager
+    async def lifespan(self, _app: Litestar) -> AsyncIterator[None]:
+        self.runtime.start()
+        loop = asyncio.get_running_loop()
+        if self._path is not None:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
+                loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        try:
+            yield
+        finally:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(signal.SIGHUP)
+            await self.runtime.stop()  # whichever runtime is current
+
+    async def reload(self) -> bool:
+        """Load the file again and swap runtimes; False (old one kept) when the new config is invalid."""
+        if self._path is None:
+            return False
+        async with self._lock:
+            old = self.runtime
+            try:
+                settings = load_settings(self._path)
+            except ConfigError as exc:
+                log.error("reload refused, the running configuration stays: %s", " ".join(str(exc).split()))
+                return False
+            if settings.server != old.settings.server:
+                log.warning("reload: [server] changes take effect only after a restart")
+                settings.server = old.settings.server
+            new = Runtime(settings, metrics=old.metrics)
+            new.start(adopt=old.supervisors)
+            started = time.monotonic()
+            assert new.consistency is not None
+            while time.monotonic() - started < _TAKEOVER_LIMIT_S and not all(
+                new.consistency.bootstrapped(m) for m in new.profiles
+            ):
+                await asyncio.sleep(0.05)
+            self._state.runtime = new  # new requests go here from now on
+            self.reloads += 1
+            log.info(
+                "configuration reloaded from %s in %.1fs: models %s, backends %s",
+                self._path,
+                time.monotonic() - started,
+                sorted(new.profiles),
+                [st.backend.name for st in new.states],
+            )
+        await self._retire(old, new)
+        return True
+
+    async def _retire(self, old: Runtime, new: Runtime) -> None:
+        """Let the old runtime's requests finish (within the shutdown grace), then stop it."""
+        end = time.monotonic() + old.settings.server.shutdown_grace_s
+        while old.active and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        await old.stop(keep=set(new.supervisors))

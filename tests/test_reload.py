@@ -1,0 +1,65 @@
+"""Live reload (issue 10, item 5): SIGHUP re-reads the config file of the real CLI gateway."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from backends.managed.process import LlamaCppProcess
+from tests.helpers import cli_gateway, embed_url, llamacpp_backend, wait_until
+from tests.servers.base import Fault
+from tests.servers.tei import TeiServer
+
+TeiFactory = Callable[..., tuple[str, TeiServer]]
+
+
+def write(path: Path, backends: list[dict[str, Any]], extra: str = "") -> Path:
+    lines = ["[server]", 'log_level = "info"', extra, "[resilience]", "health_interval_s = 0.5"]
+    lines += ["[[models]]", 'name = "minilm"', 'profile = "all-minilm-l6-v2"']
+    for b in backends:
+        lines.append("[[backends]]")
+        lines += [f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v}" for k, v in b.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def names(url: str) -> list[str]:
+    return [b["name"] for b in httpx.get(f"{url}/v1/backends").json()["data"]]
+
+
+def test_sighup_adds_removes_and_refuses_a_bad_config(
+    tmp_path: Path, tei_factory: TeiFactory, primary: LlamaCppProcess, fallback: LlamaCppProcess
+) -> None:
+    tei_url, tei = tei_factory()
+    config = write(tmp_path / "gw.toml", [{"name": "tei", "kind": "tei", "model": "minilm", "url": tei_url}])
+    with cli_gateway(config) as gw:
+        assert embed_url(gw.url, "first").headers["x-embedding-backend"] == "tei"
+        # A slow request in flight on the old configuration...
+        tei.inject(Fault("latency", seconds=2.0))
+        slow: list[httpx.Response] = []
+        t = threading.Thread(target=lambda: slow.append(embed_url(gw.url, "slow, in flight during the reload")))
+        t.start()
+        time.sleep(0.3)
+        # ...while the file changes: tei removed, two llama.cpp backends added.
+        write(config, [llamacpp_backend("a", primary.url), llamacpp_backend("b", fallback.url, priority=1)])
+        gw.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: names(gw.url) == ["a", "b"], timeout=30)
+        r = embed_url(gw.url, "after the reload")
+        assert r.status_code == 200 and r.headers["x-embedding-backend"] == "a"
+        t.join(timeout=30)
+        assert slow[0].status_code == 200 and slow[0].headers["x-embedding-backend"] == "tei"  # finished on the old
+        assert httpx.get(f"{gw.url}/ready").status_code == 200
+        # A bad file: the running configuration stays, one line names the field.
+        before = len(gw.lines)
+        config.write_text(config.read_text().replace('kind = "llamacpp"', 'kind = "llamacpp"\nbogus_key = 1', 1))
+        gw.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: any("reload refused" in line for line in gw.lines[before:]), timeout=10)
+        refused = [line for line in gw.lines[before:] if "reload refused" in line]
+        assert len(refused) == 1 and "backends[0].bogus_key" in refused[0]
+        assert names(gw.url) == ["a", "b"] and embed_url(gw.url, "still serving").status_code == 200
