@@ -28,7 +28,6 @@ from gateway.shadow import Shadows
 from gateway.state import BackendState
 
 if TYPE_CHECKING:
-
     from gateway.service import EmbedResult
 
 log = logging.getLogger(__name__)
