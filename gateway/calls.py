@@ -161,8 +161,11 @@ class BackendCalls:
         # is judged only on its own timeout, never on the client's.
         call = asyncio.ensure_future(self._timed(st, texts, prompt_name, own, purpose))
         call.add_done_callback(lambda task: _settle(task, st))
+        remaining = deadline.remaining()
+        if remaining >= own:  # the call's own timeout comes first: no second timer (hot path)
+            return await asyncio.shield(call)
         try:
-            async with asyncio.timeout(deadline.remaining()):
+            async with asyncio.timeout(remaining):
                 return await asyncio.shield(call)
         except TimeoutError:  # the request's deadline (the call's own timeout raises BackendTimeout)
             if purpose is Purpose.REQUEST:

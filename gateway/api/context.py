@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from contextvars import ContextVar
 from typing import Any
 
@@ -68,7 +68,7 @@ class RequestContext:
             return
         request_id = next((v for k, v in scope["headers"] if k == _HEADER), b"")[:128]
         if not request_id:
-            request_id = uuid.uuid4().hex.encode()
+            request_id = os.urandom(16).hex().encode()  # as random as uuid4, without building a UUID
             scope["headers"] = [*scope["headers"], (_HEADER, request_id)]
         REQUEST_ID.set(request_id.decode("latin-1"))
         head = scope.get("method") == "HEAD"
