@@ -108,15 +108,18 @@ class BackendCalls:
         purpose: Purpose = Purpose.REQUEST,
         permitted: bool = False,
         timeout_s: float | None = None,
+        bulk: bool = False,
     ) -> Embeddings:
         """One call; `texts` already carry the prompt when the backend expects that.
+
+        `bulk`: a sub-batch of a multi-sub-batch request (it queues in the bulk lane).
 
         `permitted`: the breaker's permission was taken by the caller (the router's attempt plan);
         every way out of here that is not a verdict on the backend gives it back.
         """
         verdict = False
         try:
-            out = await self._admitted(st, texts, prompt_name, deadline, purpose, timeout_s)
+            out = await self._admitted(st, texts, prompt_name, deadline, purpose, timeout_s, bulk)
             verdict = True
             return out
         except BackendError as exc:
@@ -134,6 +137,7 @@ class BackendCalls:
         deadline: Deadline,
         purpose: Purpose,
         timeout_s: float | None,
+        bulk: bool = False,
     ) -> Embeddings:
         name = st.backend.name
         own = timeout_s if timeout_s is not None else self.call_timeout(st, len(texts))
@@ -143,7 +147,8 @@ class BackendCalls:
             raise DeadlineExceeded(f"the request's deadline left too little time to call backend {name!r}")
         queued_at = time.perf_counter()
         try:
-            await st.admission.acquire(deadline.remaining())
+            # Agreement checks and shadows are background work: they wait behind client traffic.
+            await st.admission.acquire(deadline.remaining(), bulk=bulk or purpose is not Purpose.REQUEST)
         except TimeoutError:
             self._metrics.admission_timeouts.labels(name).inc()
             raise DeadlineExceeded(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 __all__ = ["Routed", "Router", "RoutingPolicy", "check_output"]
 
 NO_PROMPT = Prompt(None, "")
+# Set for the sub-batches of a request that has several: bulk work, queued behind small requests.
+_BULK: ContextVar[bool] = ContextVar("bulk", default=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +134,11 @@ class Router:
             async with gate:
                 return await self._subbatch(model, members, texts[sl], prompt, deadline)
 
-        tasks = [asyncio.ensure_future(run(sl)) for sl in slices]
+        token = _BULK.set(True)  # the sub-batch tasks inherit it: they queue in the backends' bulk lane
+        try:
+            tasks = [asyncio.ensure_future(run(sl)) for sl in slices]
+        finally:
+            _BULK.reset(token)
         try:
             parts = await asyncio.gather(*tasks)
         except BaseException:
@@ -223,7 +230,7 @@ class Router:
         """One backend call through the guarded path, with the breaker's permission already taken."""
         backend = st.backend
         sent = texts if backend.applies_prompt else prompt.apply(texts)
-        out = await self.calls.embed(st, sent, prompt.name, deadline=deadline, permitted=True)
+        out = await self.calls.embed(st, sent, prompt.name, deadline=deadline, permitted=True, bulk=_BULK.get())
         return _Part(out.vectors, [backend.name], out.prompt_tokens)
 
 

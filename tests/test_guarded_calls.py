@@ -158,3 +158,26 @@ async def test_a_failing_agreement_check_is_logged_once_and_shown(
     assert "probe set exploded" in service.errors["m"]
     assert st.agreement_detail is not None and "probe set exploded" in st.agreement_detail  # still pending
     assert len([r for r in caplog.records if "probe set exploded" in r.getMessage()]) == 1
+
+
+async def test_small_requests_pass_queued_bulk_work_without_starving_it() -> None:
+    adm = Admission(1)
+    await adm.acquire(1)
+    order: list[str] = []
+
+    async def waiter(name: str, bulk: bool) -> None:
+        await adm.acquire(5, bulk=bulk)
+        order.append(name)
+        await asyncio.sleep(0)
+        adm.release()
+
+    tasks = [asyncio.create_task(waiter(f"bulk{i}", True)) for i in range(4)]
+    await asyncio.sleep(0.01)
+    tasks += [asyncio.create_task(waiter(f"small{i}", False)) for i in range(4)]
+    await asyncio.sleep(0.01)
+    adm.release()
+    await asyncio.gather(*tasks)
+    # Small requests go first, but bulk gets at least one grant in every three while both wait.
+    assert order[:3] == ["small0", "small1", "bulk0"], order
+    assert sorted(order) == sorted([f"bulk{i}" for i in range(4)] + [f"small{i}" for i in range(4)])
+    assert adm.active == 0 and adm.queued == 0
