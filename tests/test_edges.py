@@ -253,7 +253,8 @@ def test_clients_that_disconnect_stop_their_backend_work(primary: LlamaCppProces
         assert r.status_code == 200, r.text
         # Calls already at a backend when their client left finish there (llama.cpp cannot cancel
         # them); nothing new starts: once those are done, the call count stands still.
-        time.sleep(1.5)
+        idle = lambda: all(b["in_flight"] == 0 for b in httpx.get(f"{gw.url}/v1/backends").json()["data"])  # noqa: E731
+        wait_until(idle, timeout=20)
         calls = metric_sum(gw, "embedding_gateway_backend_calls_total")
         time.sleep(1.0)
         later = metric_sum(gw, "embedding_gateway_backend_calls_total")
