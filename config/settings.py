@@ -39,6 +39,7 @@ class ServerSettings(BaseModel):
         10.0, gt=0, description="a connection must send a complete request (headers and body) within this"
     )
     keepalive_timeout_s: float = Field(5.0, gt=0, description="idle keep-alive connections are closed after this")
+    watch_config: bool = Field(False, description="reload the config file when it changes (as on SIGHUP)")
     max_connections: int | None = Field(
         None, gt=0, description="open client connections; beyond, the oldest idle one is closed (default: fd limit)"
     )

@@ -31,6 +31,13 @@ log = logging.getLogger(__name__)
 _TAKEOVER_LIMIT_S = 60.0  # the new runtime takes over after its first checks, or after this long
 
 
+def _fingerprint(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()  # content, not mtime: a rewrite with the same bytes is no change
+    except OSError:
+        return None
+
+
 class Reloader:
     def __init__(self, state: State, config_path: Path | None) -> None:
         self._state = state
@@ -47,15 +54,33 @@ class Reloader:
     async def lifespan(self, _app: Litestar) -> AsyncIterator[None]:
         self.runtime.start()
         loop = asyncio.get_running_loop()
+        watcher: asyncio.Task[None] | None = None
         if self._path is not None:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
                 loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+            if self.runtime.settings.server.watch_config:
+                watcher = asyncio.create_task(self._watch(self._path), name="watch-config")
         try:
             yield
         finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(signal.SIGHUP)
             await self.runtime.stop()  # whichever runtime is current
+
+    async def _watch(self, path: Path, every_s: float = 1.0) -> None:
+        """Reload when the file's content changes (a Kubernetes ConfigMap update swaps a symlink)."""
+        seen = _fingerprint(path)
+        while True:
+            await asyncio.sleep(every_s)
+            now = _fingerprint(path)
+            if now != seen and now is not None:
+                seen = now
+                log.info("configuration file %s changed: reloading", path)
+                await self.reload()
 
     async def reload(self) -> bool:
         """Load the file again and swap runtimes; False (old one kept) when the new config is invalid."""

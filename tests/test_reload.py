@@ -63,3 +63,15 @@ def test_sighup_adds_removes_and_refuses_a_bad_config(
         refused = [line for line in gw.lines[before:] if "reload refused" in line]
         assert len(refused) == 1 and "backends[0].bogus_key" in refused[0]
         assert names(gw.url) == ["a", "b"] and embed_url(gw.url, "still serving").status_code == 200
+
+
+def test_a_changed_config_file_is_reloaded_when_watched(
+    tmp_path: Path, primary: LlamaCppProcess, fallback: LlamaCppProcess
+) -> None:
+    config = write(tmp_path / "gw.toml", [llamacpp_backend("a", primary.url)], extra="watch_config = true")
+    with cli_gateway(config) as gw:
+        assert names(gw.url) == ["a"]
+        write(config, [llamacpp_backend("b", fallback.url)], extra="watch_config = true")
+        wait_until(lambda: names(gw.url) == ["b"], timeout=30)  # no signal sent
+        assert embed_url(gw.url, "from the watched file").headers["x-embedding-backend"] == "b"
+        assert any("changed: reloading" in line for line in gw.lines)
