@@ -68,8 +68,6 @@ def check_output(backend: str, out: Embeddings, n: int, dimension: int) -> None:
 def classify(backend: str, exc: Exception) -> BackendError:
     if isinstance(exc, BackendError):
         return exc
-    if isinstance(exc, TimeoutError):
-        return BackendTimeout(backend, "no answer within the call's timeout")
     # An adapter bug must cost one backend attempt, not the client's request.
     log.exception("backend %s raised an unexpected error", backend, exc_info=exc)
     return BackendUnavailable(backend, f"unexpected error: {type(exc).__name__}")

@@ -1,7 +1,8 @@
 """Live reload: SIGHUP re-reads the configuration file and swaps in a new runtime.
 
-The new runtime is built beside the running one and takes over once its first agreement checks are
-done (so it is as ready as the old one: no window of 503s); requests already in flight finish on the
+The new runtime is built beside the running one and takes over once it is ready (as `/ready` means
+it: a healthy compatible backend per model, first agreement checks done; at most after
+`_TAKEOVER_LIMIT_S`), so a reload opens no window of 503s; requests already in flight finish on the
 old runtime, which is then stopped. Managed llama.cpp servers whose configuration did not change are
 handed over, not restarted. A new configuration that does not load keeps the old one running, with
 one log line naming the field. `[server]` settings (address, limits) need a restart to change.
@@ -99,11 +100,12 @@ class Reloader:
             new = Runtime(settings, metrics=old.metrics)
             new.start(adopt=old.supervisors)
             started = time.monotonic()
-            assert new.consistency is not None
-            while time.monotonic() - started < _TAKEOVER_LIMIT_S and not all(
-                new.consistency.bootstrapped(m) for m in new.profiles
-            ):
+            while not new.ready() and time.monotonic() - started < _TAKEOVER_LIMIT_S:
                 await asyncio.sleep(0.05)
+            if not new.ready():
+                log.warning(
+                    "reload: the new configuration is not ready after %.0fs; it takes over anyway", _TAKEOVER_LIMIT_S
+                )
             self._state.runtime = new  # new requests go here from now on
             self.reloads += 1
             log.info(
@@ -121,4 +123,5 @@ class Reloader:
         end = time.monotonic() + old.settings.server.shutdown_grace_s
         while old.active and time.monotonic() < end:
             await asyncio.sleep(0.05)
-        await old.stop(keep=set(new.supervisors))
+        handed_over = {name for name, sup in new.supervisors.items() if old.supervisors.get(name) is sup}
+        await old.stop(keep=handed_over)  # a managed server whose settings changed was replaced: stop it

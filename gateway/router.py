@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from backends.errors import BackendError, BackendUnavailable, InputRejected, PayloadTooLarge
-from gateway.calls import BackendCalls, check_output
+from gateway.calls import BackendCalls
 from gateway.errors import DeadlineExceeded, NoBackendAvailable
 from gateway.metrics import Metrics
 from gateway.pipeline import Prompt
@@ -34,8 +34,6 @@ from gateway.resilience.retry import RetryPolicy, first_backoff, retrying, will_
 from gateway.state import BackendState
 
 log = logging.getLogger(__name__)
-
-__all__ = ["Routed", "Router", "RoutingPolicy", "check_output"]
 
 NO_PROMPT = Prompt(None, "")
 # Set for the sub-batches of a request that has several: bulk work, queued behind small requests.
@@ -82,7 +80,6 @@ class Router:
         self._by_model: dict[str, list[BackendState]] = {}
         for st in states:
             self._by_model.setdefault(st.backend.model, []).append(st)
-        self._dimensions = dimensions
         self._metrics = metrics
         self.policy = policy or RoutingPolicy()
         self._members = members

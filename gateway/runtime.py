@@ -131,6 +131,22 @@ class Runtime:
             self.consistency.start()
         log.info("gateway serving models %s over backends %s", sorted(self.profiles), [b.name for b in backends])
 
+    def readiness(self) -> tuple[dict[str, list[str]], list[str]]:
+        """Per model, its healthy compatible backends whose circuit admits calls; and the models whose
+        first agreement check is still running. Ready = every model has one and none is checking."""
+        assert self.consistency is not None
+        router = self.service.router
+        healthy = {
+            model: [st.backend.name for st in router.members(model) if st.healthy and st.breaker.available()]
+            for model in self.profiles
+        }
+        checking = sorted(m for m in self.profiles if not self.consistency.bootstrapped(m))
+        return healthy, checking
+
+    def ready(self) -> bool:
+        healthy, checking = self.readiness()
+        return not checking and all(healthy.values())
+
     def _gguf_for(self, model: str) -> Path | None:
         """The model's GGUF, when the gateway has one: configured, or a managed backend's."""
         cfg = next(m for m in self.settings.models if m.name == model)

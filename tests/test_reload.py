@@ -75,3 +75,39 @@ def test_a_changed_config_file_is_reloaded_when_watched(
         wait_until(lambda: names(gw.url) == ["b"], timeout=30)  # no signal sent
         assert embed_url(gw.url, "from the watched file").headers["x-embedding-backend"] == "b"
         assert any("changed: reloading" in line for line in gw.lines)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+def test_reload_keeps_an_unchanged_managed_server_and_replaces_a_changed_one(tmp_path: Path, minilm_gguf: Path) -> None:
+    def managed(parallel: int) -> dict[str, Any]:
+        return {"name": "local", "kind": "llamacpp", "model": "minilm"}
+
+    def config(parallel: int, priority: int = 0) -> Path:
+        path = write(tmp_path / "gw.toml", [managed(parallel)])
+        text = path.read_text() + (
+            f"priority = {priority}\n[backends.managed]\n"
+            f'gguf = "{minilm_gguf}"\nthreads = 1\nparallel = {parallel}\ncache_dir = "{tmp_path}"\n'
+        )
+        path.write_text(text)
+        return path
+
+    def pid(url: str) -> int:
+        return int(httpx.get(f"{url}/v1/backends").json()["data"][0]["managed"]["pid"])
+
+    with cli_gateway(config(1)) as gw:
+        first = pid(gw.url)
+        config(1, priority=1)  # the managed server's own settings are unchanged: it is handed over
+        gw.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: httpx.get(f"{gw.url}/v1/backends").json()["data"][0]["priority"] == 1, timeout=30)
+        assert pid(gw.url) == first and _alive(first)
+        config(2, priority=1)  # now they changed: a new child, and the old one is stopped
+        gw.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: pid(gw.url) != first, timeout=30)
+        wait_until(lambda: not _alive(first), timeout=30)
+        assert embed_url(gw.url, "served by the new child").status_code == 200

@@ -32,6 +32,10 @@ _PR_SET_PDEATHSIG = 1
 _CHILD_MARKERS = ("backends.managed.llamacpp_child", "llama-server")
 
 
+# pidfile -> pid of the child this process runs under it (at most one live owner per pidfile).
+_LIVE: dict[Path, int] = {}
+
+
 class PortInUse(OSError):
     """The child's port is held by a process that is not a child of ours."""
 
@@ -137,7 +141,8 @@ class LlamaCppProcess:
         return cmd  # the API key travels in the environment (API_KEY_ENV), never on the command line
 
     def start(self) -> None:
-        if self.pidfile is not None and (stale := stop_stale(self.pidfile)) is not None:
+        # A pidfile held by a child this process still runs is not stale: a reload is handing over.
+        if self.pidfile is not None and self.pidfile not in _LIVE and (stale := stop_stale(self.pidfile)) is not None:
             log.warning("stopped a stale llama.cpp server (pid %s) left behind by an earlier gateway", stale)
         if port_in_use(self.host, self.port):
             raise PortInUse(f"port {self.port} on {self.host} is in use by another process")
@@ -162,6 +167,7 @@ class LlamaCppProcess:
         if self.pidfile is not None and self.proc is not None:
             self.pidfile.parent.mkdir(parents=True, exist_ok=True)
             self.pidfile.write_text(f"{self.proc.pid}\n")
+            _LIVE[self.pidfile] = self.proc.pid
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -197,6 +203,10 @@ class LlamaCppProcess:
         self._forget()
 
     def _forget(self) -> None:
-        if self.pidfile is not None:
+        """Drop our pidfile, unless a newer child (a reload's replacement) has taken it over."""
+        if self.pidfile is None or self.proc is None:
+            return
+        if _LIVE.get(self.pidfile) == self.proc.pid:
+            del _LIVE[self.pidfile]
             with contextlib.suppress(OSError):
                 self.pidfile.unlink()

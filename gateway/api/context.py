@@ -15,9 +15,10 @@ import time
 from contextvars import ContextVar
 from typing import Any
 
-import msgspec
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.api import errors
+from gateway.errors import ShuttingDown
 from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -43,15 +44,6 @@ class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = REQUEST_ID.get()
         return True
-
-
-def dialect_error(path: str, status: int, message: str, code: str) -> bytes:
-    """An error body in the dialect of the route: TEI's on /embed, OpenAI's elsewhere."""
-    if path.startswith("/embed"):
-        error_type = {503: "Unhealthy", 504: "Unhealthy", 429: "Overloaded"}.get(status, "Validation")
-        return msgspec.json.encode({"error": message, "error_type": error_type})
-    kind = {503: "service_unavailable", 504: "timeout"}.get(status, "invalid_request_error")
-    return msgspec.json.encode({"error": {"message": message, "type": kind, "param": None, "code": code}})
 
 
 class RequestContext:
@@ -94,9 +86,11 @@ class RequestContext:
             if status:
                 raise
             log.warning("request cut off by shutdown after %.1fs: answered 503", time.perf_counter() - started)
-            body = dialect_error(scope["path"], 503, "the gateway is shutting down; retry", "shutting_down")
-            headers = [(b"content-type", b"application/json"), (b"retry-after", b"1"), (b"connection", b"close")]
-            start: Any = {"type": "http.response.start", "status": 503, "headers": headers}
+            problem = errors.classify(ShuttingDown("the gateway is shutting down; retry", retry_after=1))
+            headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+            headers += [(k.lower().encode(), v.encode()) for k, v in (problem.headers or {}).items()]
+            start: Any = {"type": "http.response.start", "status": problem.status, "headers": headers}
+            body = errors.render(scope["path"], problem)
             await send_with_id(start)
             await send_with_id({"type": "http.response.body", "body": body, "more_body": False})
         finally:

@@ -118,10 +118,9 @@ def _log(request: Request[Any, Any, Any], problem: Problem, exc: Exception) -> N
         log.info("%s", line)
 
 
-def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
-    problem = classify(exc)
-    _log(request, problem, exc)
-    if request.url.path.startswith("/embed"):
+def render(path: str, problem: Problem) -> bytes:
+    """The error body in the dialect of the route: TEI's on /embed, OpenAI's elsewhere."""
+    if path.startswith("/embed"):
         error_type = "Empty" if "empty" in problem.message else _TEI_TYPES.get(problem.status, "Validation")
         body: Any = {"error": problem.message, "error_type": error_type}
     else:
@@ -133,6 +132,15 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
                 "code": problem.code,
             }
         }
+    return msgspec.json.encode(body)
+
+
+def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    problem = classify(exc)
+    _log(request, problem, exc)
     return Response(
-        msgspec.json.encode(body), status_code=problem.status, media_type="application/json", headers=problem.headers
+        render(request.url.path, problem),
+        status_code=problem.status,
+        media_type="application/json",
+        headers=problem.headers,
     )

@@ -26,14 +26,8 @@ async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     from then on every backend that agreed can take over at once if another fails."""
     rt = _runtime(request)
     assert rt.consistency is not None
-    healthy: dict[str, list[str]] = {m: [] for m in rt.profiles}
-    router = rt.service.router
-    for model in healthy:
-        for st in router.members(model):  # only the compatible set counts
-            if st.healthy and st.breaker.available():
-                healthy[model].append(st.backend.name)
+    healthy, checking = rt.readiness()
     lacking = sorted(m for m, names in healthy.items() if not names)
-    checking = sorted(m for m in rt.profiles if not rt.consistency.bootstrapped(m))
     not_ready = bool(lacking or checking)
     body: dict[str, Any] = {"status": "not ready" if not_ready else "ready", "models": healthy}
     if lacking:

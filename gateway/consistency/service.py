@@ -64,6 +64,7 @@ class ConsistencyService:
         self._anchor: dict[str, str] = {}
         self._calls = calls
         self._recorded: dict[str, RecordedReference] = {}
+        self._live_ids: dict[str, str] = {}  # model -> id of the space its live reference produces
         self._rescues: dict[str, asyncio.Task[None]] = {}
         self.errors: dict[str, str] = {}  # model -> why its last check failed outright (shown in /v1/backends)
         self.spaces = spaces or {}  # pinned spaces by model
@@ -113,8 +114,7 @@ class ConsistencyService:
         """The space the model serves: the pinned one, else computed from its live reference's vectors."""
         if (space := self.spaces.get(model)) is not None:
             return space.space_id
-        rec = self._recorded.get(model)
-        return live_space_id(model, self.profiles[model], rec.vectors.rows) if rec is not None else None
+        return self._live_ids.get(model)
 
     def unavailable_reason(self, model: str) -> str | None:
         """Why the model has no compatible backend, when there is more to say than "none in service"."""
@@ -293,6 +293,8 @@ class ConsistencyService:
                     self._bootstrapped[model].set()
             if checker.recording is not None:
                 self._recorded[model] = checker.recording
+                # Computed here, once per live check: `space_id` is read on every request.
+                self._live_ids[model] = live_space_id(model, self.profiles[model], checker.recording.vectors.rows)
             self._apply(model, report)
             if space is not None and only is None:
                 self._judge_drift(model, report)
@@ -303,7 +305,8 @@ class ConsistencyService:
 
     def _judge_drift(self, model: str, report: Report) -> None:
         """Every backend that could be checked left the pinned space: the backends changed, not one of them."""
-        judged = [b for b in report.backends if b.verdict is not Verdict.ERROR and not self._is_shadow(b.name)]
+        shadows = {st.backend.name for st in self._by_model[model] if st.shadow}
+        judged = [b for b in report.backends if b.verdict is not Verdict.ERROR and b.name not in shadows]
         drifted = bool(judged) and all(b.verdict is Verdict.DISAGREE for b in judged)
         space = self.spaces[model]
         if drifted:
@@ -320,9 +323,6 @@ class ConsistencyService:
             log.info("model %s: backends agree with the pinned space %s again", model, space.space_id)
         if self._metrics is not None:
             self._metrics.space_drift.labels(model).set(1 if drifted else 0)
-
-    def _is_shadow(self, name: str) -> bool:
-        return any(st.shadow for group in self._by_model.values() for st in group if st.backend.name == name)
 
     def _export(self, model: str, report: Report) -> None:
         if self._metrics is None:
