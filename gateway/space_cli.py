@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from config.profiles import ModelProfile
-from config.settings import ConfigError, load_settings
+from config.settings import ConfigError, GatewaySettings, load_settings
 
 EXIT_SAME, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
 
@@ -24,14 +24,14 @@ def cmd_record(args: argparse.Namespace) -> int:
     return asyncio.run(_record(args, settings))
 
 
-async def _record(args: argparse.Namespace, settings: object) -> int:
+async def _record(args: argparse.Namespace, settings: GatewaySettings) -> int:
     from backends.errors import BackendError
     from gateway.consistency.checker import Checker
     from gateway.consistency.probes import probe_set
     from gateway.consistency.space import build
     from gateway.runtime import Runtime
 
-    runtime = Runtime(settings, background=False)  # type: ignore[arg-type]
+    runtime = Runtime(settings, background=False)
     runtime.start()
     assert runtime.health is not None
     try:
