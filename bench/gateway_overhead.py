@@ -1,10 +1,19 @@
 """Gateway overhead: wrk against an nginx stub directly, then through the gateway, in the same run.
 
 The stub answers every POST with one fixed OpenAI-shaped body holding a 1024-dim vector, so the
-backend costs almost nothing and the gateway's own cost shows. Prints req/s, p50/p99 and ratios.
+backend costs almost nothing and the gateway's own cost shows. Phases, all in one run:
 
-    make bench                      # or: python bench/gateway_overhead.py --duration 10 --connections 32
+- direct: the stub itself, at `--connections` and at 1 connection (the p50 baseline);
+- the gateway with `--workers 1` and `--workers 2`: req/s, p50/p99, CPU ms per request (the whole
+  process tree: control plane and workers), the added p50 at 1 connection;
+- `--litellm`: LiteLLM's proxy with 2 workers through the same stub (installed into a throw-away venv
+  under ~/.cache on first use; it is not a dependency of the gateway);
+- `--rss`: resident memory of every gateway process after 10k and after 100k requests.
+
+    make bench                      # or: python bench/gateway_overhead.py --duration 10 --litellm --rss
 Needs Debian's nginx and wrk (`apt-get install nginx-light wrk`); not part of `make test`.
+CPU per request is the fairest figure on a small shared box: the load generator and the stub take
+cores the gateway would otherwise use.
 """
 
 from __future__ import annotations
@@ -19,13 +28,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from backends.managed.process import free_port
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from backends.managed.process import free_port  # noqa: E402
 
 NGINX_CONF = """
 worker_processes 1;
@@ -88,6 +101,69 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+def tree(pid: int) -> list[int]:
+    """The process and all its descendants."""
+    out = [pid]
+    for p in out:
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def tree_cpu(pid: int) -> float:
+    total = 0.0
+    for p in tree(pid):
+        with suppress(OSError):
+            total += _cpu_seconds(p)
+    return total
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def wait_ready(url: str, path: str = "/ready", timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}{path}", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} not ready")
+        time.sleep(0.2)
+
+
+LITELLM_VENV = Path.home() / ".cache" / "embedding-gateway" / "bench-litellm"
+
+
+def litellm_binary() -> Path:
+    """LiteLLM's proxy in a venv of its own: never a dependency of the gateway."""
+    exe = LITELLM_VENV / "bin" / "litellm"
+    if not exe.exists():
+        print("installing litellm[proxy] into a throw-away venv (first run only)...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
+        pip = [str(LITELLM_VENV / "bin" / "pip"), "install", "-q"]
+        subprocess.run([*pip, "litellm[proxy]"], check=True)
+    return exe
+
+
+@dataclass
+class Result:
+    name: str
+    load: dict[str, float]
+    one: dict[str, float] | None = None
+    cpu_ms: float | None = None
+    rss: dict[str, list[float]] = field(default_factory=dict)
+
+
 def top_frames(raw: Path, n: int = 15) -> list[tuple[float, str]]:
     """Self time per function from py-spy's collapsed stacks ("a;b;c count" lines)."""
     counts: dict[str, int] = {}
@@ -103,29 +179,9 @@ def top_frames(raw: Path, n: int = 15) -> list[tuple[float, str]]:
     return [(c / max(1, total), frame) for frame, c in ranked]
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--duration", type=int, default=10)
-    ap.add_argument("--connections", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--profile", help="write a py-spy collapsed-stack profile of the gateway here")
-    args = ap.parse_args()
-    for tool in ("nginx", "wrk"):
-        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
-            print(f"{tool} not found: apt-get install nginx-light wrk", file=sys.stderr)
-            return 2
-    work = Path(tempfile.mkdtemp(prefix="eg-bench-"))
-    work.chmod(0o755)  # nginx workers run unprivileged and must read body.json
-    (work / "body.json").write_bytes(stub_body())
-    lua = work / "post.lua"
-    lua.write_text(LUA)
-    stub_port, gw_port = free_port(), free_port()
-    (work / "nginx.conf").write_text(NGINX_CONF.format(dir=work, port=stub_port))
-    nginx = subprocess.Popen([shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(work / "nginx.conf")])
-    config = work / "gateway.toml"
-    config.write_text(f"""
+GATEWAY_CONFIG = """
 [server]
-port = {gw_port}
+port = {port}
 log_level = "warning"
 [[models]]
 name = "bench"
@@ -134,77 +190,164 @@ profile = "jina-embeddings-v5-text-small-text-matching"
 name = "stub"
 kind = "llamacpp"
 model = "bench"
-url = "http://127.0.0.1:{stub_port}"
+url = "http://127.0.0.1:{stub}"
+max_concurrency = 256
 [consistency]
 enabled = false  # the stub answers one fixed vector: nothing to check
-""")
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)],
-        cwd=Path(__file__).resolve().parent.parent,
-    )
+"""
+
+LITELLM_CONFIG = """
+model_list:
+  - model_name: bench
+    litellm_params:
+      model: openai/stub
+      api_base: http://127.0.0.1:{stub}/v1
+      api_key: none
+litellm_settings:
+  drop_params: true
+"""
+
+
+@contextmanager
+def process(cmd: list[str], url: str, ready_path: str, env: dict[str, str] | None = None) -> Iterator[int]:
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{gw_port}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("gateway not ready")
-            time.sleep(0.1)
-        check = httpx.post(f"http://127.0.0.1:{gw_port}/v1/embeddings", json={"model": "bench", "input": "x"}).json()
-        assert "data" in check, check
-        assert len(check["data"][0]["embedding"]) == 1024
-        # Warm both paths, then measure back to back.
-        wrk(f"http://127.0.0.1:{stub_port}/v1/embeddings", lua, 2, args.connections, args.threads)
-        wrk(f"http://127.0.0.1:{gw_port}/v1/embeddings", lua, 2, args.connections, args.threads)
-        direct = wrk(f"http://127.0.0.1:{stub_port}/v1/embeddings", lua, args.duration, args.connections, args.threads)
-        spy = None
-        if args.profile:  # py-spy (pip install py-spy; not a dependency) samples the gateway during its run
-            spy = subprocess.Popen(
-                [
-                    "py-spy",
-                    "record",
-                    "--format",
-                    "raw",
-                    "-o",
-                    args.profile,
-                    "-d",
-                    str(args.duration),
-                    "-p",
-                    str(gateway.pid),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        cpu_before = _cpu_seconds(gateway.pid)
-        through = wrk(f"http://127.0.0.1:{gw_port}/v1/embeddings", lua, args.duration, args.connections, args.threads)
-        through["cpu_ms_per_request"] = (
-            (_cpu_seconds(gateway.pid) - cpu_before) * 1000 / max(1.0, through["rps"] * args.duration)
-        )
-        if spy is not None:
-            spy.wait(timeout=60)
+        wait_ready(url, ready_path)
+        yield proc.pid
     finally:
-        gateway.send_signal(signal.SIGTERM)
-        gateway.wait(timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def measure(name: str, url: str, pid: int, lua: Path, args: argparse.Namespace, rss: bool = False) -> Result:
+    endpoint = f"{url}/v1/embeddings"
+    check = httpx.post(endpoint, json={"model": "bench", "input": "x"}, timeout=30).json()
+    assert len(check["data"][0]["embedding"]) == 1024, check
+    wrk(endpoint, lua, 2, args.connections, args.threads)  # warm up
+    before = tree_cpu(pid)
+    load = wrk(endpoint, lua, args.duration, args.connections, args.threads)
+    cpu_ms = (tree_cpu(pid) - before) * 1000 / max(1.0, load["rps"] * args.duration)
+    one = wrk(endpoint, lua, max(3, args.duration // 2), 1, 1)
+    result = Result(name, load, one, cpu_ms)
+    if rss:
+        result.rss = rss_growth(endpoint, pid, lua, args)
+    return result
+
+
+def rss_growth(endpoint: str, pid: int, lua: Path, args: argparse.Namespace) -> dict[str, list[float]]:
+    """RSS of each gateway process after 10k and 100k requests in all (wrk runs until the count is reached)."""
+    out: dict[str, list[float]] = {}
+    sent = 0
+    for target in (10_000, 100_000):
+        while sent < target:
+            r = wrk(endpoint, lua, 5, args.connections, args.threads)
+            sent += int(r["rps"] * 5)
+        out[f"{target // 1000}k"] = [round(rss_mb(p), 1) for p in tree(pid)]
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--litellm", action="store_true", help="also measure LiteLLM's proxy (2 workers)")
+    ap.add_argument("--rss", action="store_true", help="RSS per process after 10k and 100k requests")
+    ap.add_argument("--profile", help="write a py-spy collapsed-stack profile of the 1-worker gateway here")
+    args = ap.parse_args()
+    for tool in ("nginx", "wrk"):
+        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
+            print(f"{tool} not found: apt-get install nginx-light wrk", file=sys.stderr)
+            return 2
+    litellm = litellm_binary() if args.litellm else None
+    work = Path(tempfile.mkdtemp(prefix="eg-bench-"))
+    work.chmod(0o755)  # nginx workers run unprivileged and must read body.json
+    (work / "body.json").write_bytes(stub_body())
+    lua = work / "post.lua"
+    lua.write_text(LUA)
+    stub_port = free_port()
+    (work / "nginx.conf").write_text(NGINX_CONF.format(dir=work, port=stub_port))
+    nginx = subprocess.Popen([shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(work / "nginx.conf")])
+    results: list[Result] = []
+    try:
+        stub = f"http://127.0.0.1:{stub_port}"
+        wait_ready(stub, "/health")
+        wrk(f"{stub}/v1/embeddings", lua, 2, args.connections, args.threads)
+        direct = wrk(f"{stub}/v1/embeddings", lua, args.duration, args.connections, args.threads)
+        results.append(Result("direct", direct, wrk(f"{stub}/v1/embeddings", lua, max(3, args.duration // 2), 1, 1)))
+        for workers in (1, 2):
+            port = free_port()
+            config = work / f"gateway-{workers}.toml"
+            config.write_text(GATEWAY_CONFIG.format(port=port, stub=stub_port))
+            cmd = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config), "--workers", str(workers)]
+            url = f"http://127.0.0.1:{port}"
+            with process(cmd, url, "/ready") as pid:
+                spy = None
+                if args.profile and workers == 1:  # py-spy (pip install py-spy; not a dependency)
+                    spy_cmd = ["py-spy", "record", "--format", "raw", "-o", args.profile]
+                    spy = subprocess.Popen(
+                        [*spy_cmd, "-d", str(args.duration + 2), "-p", str(pid)],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                results.append(measure(f"gateway w{workers}", url, pid, lua, args, rss=args.rss and workers == 2))
+                if spy is not None:
+                    spy.wait(timeout=60)
+        if litellm is not None:
+            port = free_port()
+            (work / "litellm.yaml").write_text(LITELLM_CONFIG.format(stub=stub_port))
+            cmd = [str(litellm), "--config", str(work / "litellm.yaml"), "--port", str(port), "--num_workers", "2"]
+            with process(cmd, f"http://127.0.0.1:{port}", "/health/liveliness") as pid:
+                results.append(measure("litellm w2", f"http://127.0.0.1:{port}", pid, lua, args))
+    finally:
         nginx.send_signal(signal.SIGQUIT)
         nginx.wait(timeout=10)
         shutil.rmtree(work, ignore_errors=True)
+    report(results, args)
+    return 0
+
+
+def report(results: list[Result], args: argparse.Namespace) -> None:
     print(f"cpus={os.cpu_count()} connections={args.connections} duration={args.duration}s body=1024-dim float JSON")
-    print(f"{'path':<10} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'non-2xx':>8}")
-    for name, r in (("direct", direct), ("gateway", through)):
-        print(f"{name:<10} {r['rps']:>10.0f} {r['p50_ms']:>9.2f} {r['p99_ms']:>9.2f} {r['non_2xx']:>8.0f}")
-    print(f"gateway CPU per request: {through['cpu_ms_per_request']:.3f} ms")
+    print(f"{'path':<12} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'1-conn p50':>11} {'CPU ms/req':>11}")
+    for r in results:
+        one = f"{r.one['p50_ms']:.3f}" if r.one else "-"
+        cpu = f"{r.cpu_ms:.3f}" if r.cpu_ms is not None else "-"
+        line = f"{r.name:<12} {r.load['rps']:>9.0f} {r.load['p50_ms']:>8.2f} {r.load['p99_ms']:>8.2f}"
+        print(f"{line} {r.load['non_2xx']:>8.0f} {one:>11} {cpu:>11}")
+    by = {r.name: r for r in results}
+    direct = by["direct"]
+    assert direct.one is not None
+    for name in ("gateway w1", "gateway w2"):
+        g = by.get(name)
+        if g is None or g.one is None:
+            continue
+        print(f"{name}: added p50 at 1 connection {g.one['p50_ms'] - direct.one['p50_ms']:.3f} ms over direct")
+        for k, v in g.rss.items():
+            print(f"{name}: RSS after {k} requests (MB, per process, parent first): {v}")
+    if "gateway w1" in by and "gateway w2" in by:
+        w1, w2 = by["gateway w1"], by["gateway w2"]
+        print(
+            f"workers 2 vs 1: req/s x{w2.load['rps'] / w1.load['rps']:.2f}, "
+            f"CPU per request x{(w2.cpu_ms or 0) / (w1.cpu_ms or 1):.2f}"
+        )
+    if "litellm w2" in by:
+        lite = by["litellm w2"]
+        for name in ("gateway w1", "gateway w2"):
+            if name in by:
+                g = by[name]
+                print(
+                    f"{name} vs litellm w2: req/s x{g.load['rps'] / lite.load['rps']:.1f}, "
+                    f"CPU per request x{(lite.cpu_ms or 0) / (g.cpu_ms or 1):.1f} less"
+                )
     if args.profile:
-        print(f"profile (self time, top 15) from {args.profile}:")
+        print(f"profile of gateway w1 (self time, top 15) from {args.profile}:")
         for share, frame in top_frames(Path(args.profile)):
             print(f"  {share * 100:5.1f}%  {frame}")
-    print(
-        f"ratio gateway/direct: throughput {through['rps'] / direct['rps']:.4f}, "
-        f"p50 {through['p50_ms'] / direct['p50_ms']:.1f}x, p99 {through['p99_ms'] / direct['p99_ms']:.1f}x"
-    )
-    return 0
 
 
 if __name__ == "__main__":

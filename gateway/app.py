@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from litestar import Litestar
 from litestar.datastructures import State
@@ -15,10 +16,16 @@ from gateway.api.tei import embed
 from gateway.reload import Reloader
 from gateway.runtime import Runtime
 
+if TYPE_CHECKING:
+    from gateway.control.client import PlaneClient
 
-def create_app(settings: GatewaySettings, config_path: Path | None = None) -> RequestContext:
-    """`config_path`: the file SIGHUP reloads (none: no live reload)."""
-    runtime = Runtime(settings)
+
+def create_app(
+    settings: GatewaySettings, config_path: Path | None = None, plane: PlaneClient | None = None, worker_id: int = 0
+) -> RequestContext:
+    """`config_path`: the file SIGHUP reloads (none: no live reload). `plane`: this is a worker of
+    `serve --workers N`, following that control plane."""
+    runtime = Runtime(settings, plane=plane, worker_id=worker_id)
     state = State({"runtime": runtime})
     reloader = Reloader(state, config_path)
     state.reloader = reloader
@@ -37,7 +44,7 @@ def create_app(settings: GatewaySettings, config_path: Path | None = None) -> Re
         ],
         exception_handlers={Exception: errors.handle},
         request_max_body_size=settings.server.max_body_bytes,
-        lifespan=[reloader.lifespan],
+        lifespan=[plane.lifespan, reloader.lifespan] if plane is not None else [reloader.lifespan],
         state=state,
         openapi_config=None,
         logging_config=None,  # the CLI configures logging once for the whole process

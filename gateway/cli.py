@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from config.settings import ConfigError, GatewaySettings, load_settings
+from gateway.workers import worker_count
 
 EXIT_CONFIG = 2
 
@@ -20,11 +21,15 @@ def _load(path: str | None) -> GatewaySettings:
     return load_settings(path or os.environ.get("EMBEDDING_GATEWAY_CONFIG"))
 
 
-def configure_logging(level: str) -> None:
-    from gateway.api.context import RequestIdFilter
+def configure_logging(level: str, tag: str = "") -> None:
+    """`tag`: which process of `serve --workers N` logs (the control plane, a worker)."""
+    from gateway.logs import RequestIdFilter
 
+    prefix = f"{tag} " if tag else ""
     logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s", force=True
+        level=level.upper(),
+        format=f"%(asctime)s %(levelname)s {prefix}%(name)s [%(request_id)s]: %(message)s",
+        force=True,
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(RequestIdFilter())  # `-` outside a request
@@ -36,18 +41,25 @@ def configure_logging(level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from gateway.app import create_app
-    from gateway.server import uvicorn_config
-
     settings = _load(args.config)
     if args.host:
         settings.server.host = args.host
     if args.port is not None:
         settings.server.port = args.port
-    configure_logging(settings.server.log_level)
     path = args.config or os.environ.get("EMBEDDING_GATEWAY_CONFIG")
+    workers: int = args.workers
+    if workers > 1:
+        # Before anything imports prometheus_client: the parent sets up multiprocess metrics.
+        from gateway.workers import serve_workers
+
+        configure_logging(settings.server.log_level, tag="control")
+        return serve_workers(settings, Path(path) if path else None, workers)
+    configure_logging(settings.server.log_level)
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.server import uvicorn_config
+
     app = create_app(settings, Path(path) if path else None)
     uvicorn.Server(uvicorn_config(app, settings.server)).run()
     return 0
@@ -113,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="TOML file (default: $EMBEDDING_GATEWAY_CONFIG)")
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument(
+        "--workers",
+        default=1,
+        type=worker_count,
+        help="processes serving the port (default 1; `auto`: one per CPU); health and agreement checks and "
+        "managed servers still run once",
+    )
     serve.set_defaults(func=cmd_serve)
     check = sub.add_parser(
         "check",

@@ -1,8 +1,17 @@
-"""Prometheus metrics (prometheus-client), one registry per app so tests and apps don't collide."""
+"""Prometheus metrics (prometheus-client), one registry per app so tests and apps don't collide.
+
+With `serve --workers N` every process writes its values to files in `PROMETHEUS_MULTIPROC_DIR`
+(set by the parent before prometheus-client is imported) and `/metrics` in any worker reads them all:
+counters and histograms add up across workers and the control plane; each gauge says how (`livesum`:
+the workers' sum; `mostrecent`: the control plane's latest value; `livemax`: any worker's).
+"""
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 _LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -61,12 +70,14 @@ class Metrics:
             "embedding_gateway_circuit_open",
             "1 while the backend's circuit is open or half-open.",
             ["backend"],
+            multiprocess_mode="livemax",
             registry=self.registry,
         )
         self.backend_healthy = Gauge(
             "embedding_gateway_backend_healthy",
             "1 when the backend's last health check passed.",
             ["backend", "model"],
+            multiprocess_mode="mostrecent",
             registry=self.registry,
         )
 
@@ -93,18 +104,21 @@ class Metrics:
             "embedding_gateway_backend_in_flight",
             "Calls in flight at the backend (at most its concurrency limit).",
             ["backend"],
+            multiprocess_mode="livesum",
             registry=self.registry,
         )
         self.backend_queued = Gauge(
             "embedding_gateway_backend_queued",
             "Calls queued in the gateway for the backend.",
             ["backend"],
+            multiprocess_mode="livesum",
             registry=self.registry,
         )
         self.backend_concurrency = Gauge(
             "embedding_gateway_backend_concurrency_limit",
             "Calls the gateway sends the backend at once (configured or learned).",
             ["backend"],
+            multiprocess_mode="livesum",
             registry=self.registry,
         )
 
@@ -112,18 +126,21 @@ class Metrics:
             "embedding_gateway_space_info",
             "1 for the embedding space each model serves (pinned, or computed from its live reference).",
             ["model", "space_id"],
+            multiprocess_mode="mostrecent",
             registry=self.registry,
         )
         self.agreement_min_cosine = Gauge(
             "embedding_gateway_agreement_min_cosine",
             "Lowest probe cosine of the backend against its model's space at the last check.",
             ["model", "backend"],
+            multiprocess_mode="mostrecent",
             registry=self.registry,
         )
         self.space_drift = Gauge(
             "embedding_gateway_space_drift",
             "1 while every backend of the model produces vectors outside its pinned space.",
             ["model"],
+            multiprocess_mode="mostrecent",
             registry=self.registry,
         )
         self.admission_gate_seconds = Histogram(
@@ -153,6 +170,7 @@ class Metrics:
         if previous == space_id:
             return
         if previous is not None:
+            self.space_info.labels(model, previous).set(0)  # what multiprocess files keep after remove()
             self.space_info.remove(model, previous)
         self.space_info.labels(model, space_id).set(1)
         self._spaces[model] = space_id
@@ -165,4 +183,8 @@ class Metrics:
         self.fallbacks.labels(model).inc()
 
     def render(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # every process's values, added up
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
         return generate_latest(self.registry)

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,9 +40,13 @@ def _fingerprint(path: Path) -> bytes | None:
 
 
 class Reloader:
-    def __init__(self, state: State, config_path: Path | None) -> None:
+    def __init__(
+        self, state: State, config_path: Path | None, after: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        """`after`: run once a reload has taken over (`serve --workers N` then replaces its workers)."""
         self._state = state
         self._path = config_path
+        self._after = after
         self._lock = asyncio.Lock()
         self.reloads = 0
 
@@ -60,7 +64,7 @@ class Reloader:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
                 loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
             if self.runtime.settings.server.watch_config:
-                watcher = asyncio.create_task(self._watch(self._path), name="watch-config")
+                watcher = asyncio.create_task(self.watch(self._path), name="watch-config")
         try:
             yield
         finally:
@@ -72,7 +76,7 @@ class Reloader:
                 loop.remove_signal_handler(signal.SIGHUP)
             await self.runtime.stop()  # whichever runtime is current
 
-    async def _watch(self, path: Path, every_s: float = 1.0) -> None:
+    async def watch(self, path: Path, every_s: float = 1.0) -> None:
         """Reload when the file's content changes (a Kubernetes ConfigMap update swaps a symlink)."""
         seen = _fingerprint(path)
         while True:
@@ -116,6 +120,8 @@ class Reloader:
                 [st.backend.name for st in new.states],
             )
         await self._retire(old, new)
+        if self._after is not None:
+            await self._after()
         return True
 
     async def _retire(self, old: Runtime, new: Runtime) -> None:

@@ -28,14 +28,27 @@ from gateway.shadow import Shadows
 from gateway.state import BackendState
 
 if TYPE_CHECKING:
+    from gateway.control.client import PlaneClient
     from gateway.service import EmbedResult
 
 log = logging.getLogger(__name__)
 
 
 class Runtime:
-    def __init__(self, settings: GatewaySettings, metrics: Metrics | None = None, *, background: bool = True) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        metrics: Metrics | None = None,
+        *,
+        background: bool = True,
+        plane: PlaneClient | None = None,
+        worker_id: int = 0,
+    ) -> None:
         self.background = background  # False for one-shot commands (`check`): no polling loops
+        # A worker of `serve --workers N`: the control plane (another process) runs health checks,
+        # agreement checks and managed servers; this runtime only serves, from its snapshots.
+        self.plane = plane
+        self.worker_id = worker_id
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.profiles = {m.name: m.resolved for m in settings.models}
@@ -61,7 +74,9 @@ class Runtime:
         backends: list[Backend] = []
         for cfg in self.settings.backends:
             url = None
-            if isinstance(cfg, LlamaCppBackend) and cfg.managed is not None:
+            if isinstance(cfg, LlamaCppBackend) and cfg.managed is not None and self.plane is not None:
+                url = self.plane.managed_url(cfg.name)  # the control plane runs it
+            elif isinstance(cfg, LlamaCppBackend) and cfg.managed is not None:
                 key = cfg.api_key.get_secret_value() if cfg.api_key else None
                 sup = (adopt or {}).get(cfg.name)
                 if sup is None or sup.cfg != cfg.managed or sup.process.api_key != key:
@@ -93,7 +108,12 @@ class Runtime:
             retry_after_cap_s=r.health_interval_s,
         )
         calls = BackendCalls(dims, self.metrics)
-        self.consistency = ConsistencyService(
+        consistency_class = ConsistencyService
+        if self.plane is not None:
+            from gateway.control.client import FollowerConsistency
+
+            consistency_class = FollowerConsistency
+        self.consistency = consistency_class(
             self.settings.consistency,
             self.profiles,
             self.states,
@@ -126,7 +146,9 @@ class Runtime:
             supervisor_error=lambda name: s.error if (s := self.supervisors.get(name)) else None,
             on_change=self.consistency.backend_recovered,
         )
-        if self.background:
+        if self.plane is not None:
+            self.plane.attach(self)  # the snapshot decides health and agreement from now on
+        elif self.background:
             self.health.start()
             self.consistency.start()
         log.info("gateway serving models %s over backends %s", sorted(self.profiles), [b.name for b in backends])
@@ -171,6 +193,16 @@ class Runtime:
         for name, sup in self.supervisors.items():
             if name not in (keep or set()):
                 await sup.stop()
+
+    def refresh_gauges(self) -> None:
+        """Gauges derived from live state (open -> half-open happens by the clock): read them now."""
+        m = self.metrics
+        for st in self.states:
+            name = st.backend.name
+            m.circuit_open.labels(name).set(0 if str(st.breaker.state) == "closed" else 1)
+            m.backend_in_flight.labels(name).set(st.in_flight)
+            m.backend_queued.labels(name).set(st.admission.queued)
+            m.backend_concurrency.labels(name).set(st.admission.limit)
 
     def result_headers(self, result: EmbedResult) -> dict[str, str]:
         headers = {"x-embedding-backend": ",".join(result.backends)}

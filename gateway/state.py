@@ -35,6 +35,7 @@ class BackendState:
     agreement: Verdict = Verdict.PENDING  # the agreement checker's verdict against the reference
     agreement_detail: str | None = None
     admission: Admission = field(default_factory=lambda: Admission(DEFAULT_CONCURRENCY))
+    workers: int = 1  # processes sharing the backend (serve --workers N): each admits its share
     _logged_error: str | None = field(default=None, repr=False)
 
     def should_log(self, message: str) -> bool:
@@ -58,10 +59,12 @@ class BackendState:
         self.admission.set_limit(self.concurrency_limit())
 
     def concurrency_limit(self) -> int:
-        """Calls at once: the configured `max_concurrency`, else what the backend states, else a default."""
+        """Calls at once from this process: the configured `max_concurrency`, else what the backend
+        states, else a default; shared out among the workers (rounded up: a backend never idles)."""
         configured = getattr(getattr(self.backend, "config", None), "max_concurrency", None)
         learned = self.info.max_concurrency if self.info else None
-        return int(configured or learned or DEFAULT_CONCURRENCY)
+        total = int(configured or learned or DEFAULT_CONCURRENCY)
+        return max(1, -(-total // self.workers))
 
     @property
     def unreachable(self) -> bool:

@@ -203,6 +203,7 @@ def cli_gateway(
     *,
     limit_fds: int | None = None,
     extra_env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
 ) -> Iterator[CliGateway]:
     """The real `embedding-gateway serve` in its own process (settings through the environment), its
     output collected line by line; optionally with a low open-files limit."""
@@ -218,7 +219,7 @@ def cli_gateway(
             resource.setrlimit(resource.RLIMIT_NOFILE, (limit_fds, limit_fds))
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", *config, "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "gateway.cli", "serve", *config, "--host", "127.0.0.1", "--port", str(port), *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -66,6 +66,9 @@ def test_the_container_runs_the_gateway_as_configured(tmp_path: Path) -> None:
     args = build_parser().parse_args(c["args"][1:])
     assert c["args"][0] == "embedding-gateway" and args.command == "serve"
     assert args.config == "/etc/embedding-gateway/gateway.toml"
+    # One CPU requested per worker; /tmp writable (the workers' control socket and metrics live there).
+    assert args.workers == 2 and int(c["resources"]["requests"]["cpu"]) >= args.workers
+    assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"])
     assert any(m["mountPath"] == "/etc/embedding-gateway" for m in c["volumeMounts"])
     assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert c["livenessProbe"]["httpGet"]["path"] == "/health"

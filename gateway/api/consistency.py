@@ -9,6 +9,7 @@ from litestar.params import QueryParameter
 
 from gateway.errors import ModelNotFound
 from gateway.runtime import Runtime
+from gateway.views import check_view, consistency_view
 
 
 def _runtime(request: Request[Any, Any, Any]) -> Runtime:
@@ -19,13 +20,10 @@ def _runtime(request: Request[Any, Any, Any]) -> Runtime:
 @get("/v1/consistency")
 async def last_reports(request: Request[Any, Any, Any]) -> dict[str, Any]:
     rt = _runtime(request)
-    assert rt.consistency is not None
-    data = []
-    for model in rt.profiles:
-        report = rt.consistency.reports.get(model)
-        data.append(report.to_dict() if report else {"model": model, "status": "pending"})
-    shadows = rt.shadows.report(rt.profiles) if rt.shadows is not None else []
-    return {"object": "list", "enabled": rt.settings.consistency.enabled, "data": data, "shadows": shadows}
+    body = await rt.plane.request({"op": "reports"}) if rt.plane is not None else consistency_view(rt)
+    # Shadows are sampled from each process's own traffic: this one's.
+    body["shadows"] = rt.shadows.report(rt.profiles) if rt.shadows is not None else []
+    return body
 
 
 @post("/v1/consistency", status_code=200)
@@ -33,8 +31,8 @@ async def check_now(
     request: Request[Any, Any, Any], model: Annotated[str | None, QueryParameter(name="model")] = None
 ) -> dict[str, Any]:
     rt = _runtime(request)
-    assert rt.consistency is not None
     if model is not None and model not in rt.profiles:
         raise ModelNotFound(f"model {model!r} does not exist; known models: {sorted(rt.profiles)}", param="model")
-    reports = [await rt.consistency.check(m) for m in ([model] if model else list(rt.profiles))]
-    return {"object": "list", "enabled": rt.settings.consistency.enabled, "data": [r.to_dict() for r in reports]}
+    if rt.plane is not None:  # checks run once, in the control plane
+        return await rt.plane.request({"op": "check", "model": model}, timeout_s=None)
+    return await check_view(rt, model)

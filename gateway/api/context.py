@@ -12,18 +12,16 @@ import asyncio
 import logging
 import os
 import time
-from contextvars import ContextVar
 from typing import Any
 
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.api import errors
 from gateway.errors import ShuttingDown
+from gateway.logs import REQUEST_ID
 from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
 
 _HEADER = b"x-request-id"
 _KNOWN_ROUTES = {
@@ -36,14 +34,6 @@ _KNOWN_ROUTES = {
     "/ready",
     "/metrics",
 }
-
-
-class RequestIdFilter(logging.Filter):
-    """Adds `request_id` to every log record (`-` outside a request), for the log format."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = REQUEST_ID.get()
-        return True
 
 
 class RequestContext:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from litestar import Request, Response, get
 from litestar.params import FromPath
 
 from gateway.runtime import Runtime
+from gateway.views import backends_view
 
 
 def _runtime(request: Request[Any, Any, Any]) -> Runtime:
@@ -16,8 +18,9 @@ def _runtime(request: Request[Any, Any, Any]) -> Runtime:
 
 
 @get("/health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
+async def health(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """Liveness; names the worker process that answered (`serve --workers N`)."""
+    return {"status": "ok", "worker": _runtime(request).worker_id, "pid": os.getpid()}
 
 
 @get("/ready")
@@ -78,58 +81,13 @@ async def model(request: Request[Any, Any, Any], model_id: FromPath[str]) -> dic
 @get("/v1/backends")
 async def backends(request: Request[Any, Any, Any]) -> dict[str, Any]:
     rt = _runtime(request)
-    out = []
-    for st in rt.states:
-        b = st.backend
-        sup = rt.supervisors.get(b.name)
-        report = rt.consistency.reports.get(b.model) if rt.consistency else None
-        judged = report.result(b.name) if report else None
-        entry: dict[str, Any] = {
-            "name": b.name,
-            "kind": b.kind,
-            "model": b.model,
-            "url": b.public_url(),
-            "priority": b.priority,
-            "healthy": st.healthy,
-            "circuit": str(st.breaker.state),
-            "agreement": str(st.agreement),
-            "agreement_detail": st.agreement_detail,
-            "space_id": rt.consistency.space_id(b.model) if rt.consistency else None,
-            "min_cosine": judged.min_cosine if judged else None,
-            "mean_cosine": judged.mean_cosine if judged else None,
-            "shadow": st.shadow,
-            "circuit_trips": st.breaker.trips,
-            "last_error": st.last_error,
-            "last_error_at": st.last_error_at,
-            "last_check_at": st.last_check_at,
-            "last_latency_ms": st.last_latency_ms,
-            "latency_ewma_ms": st.latency_ewma_ms,
-            "in_flight": st.in_flight,
-            "queued": st.admission.queued,
-            "concurrency_limit": st.admission.limit,
-            "requests": st.requests,
-            "failures": st.failures,
-        }
-        if sup is not None:
-            entry["managed"] = {
-                "pid": sup.process.proc.pid if sup.process.proc else None,
-                "restarts": sup.restarts,
-                "error": sup.error,
-            }
-        out.append(entry)
-    body: dict[str, Any] = {"object": "list", "data": out}
-    if rt.consistency is not None and rt.consistency.errors:
-        body["agreement_check_errors"] = dict(rt.consistency.errors)
-    return body
+    if rt.plane is not None:  # a worker: the control plane holds the shared view
+        return await rt.plane.request({"op": "view"})
+    return backends_view(rt)
 
 
 @get("/metrics", media_type="text/plain; version=0.0.4")
 async def metrics(request: Request[Any, Any, Any]) -> bytes:
     rt = _runtime(request)
-    for st in rt.states:  # circuit state is derived (open -> half-open happens by the clock): read it now
-        name = st.backend.name
-        rt.metrics.circuit_open.labels(name).set(0 if str(st.breaker.state) == "closed" else 1)
-        rt.metrics.backend_in_flight.labels(name).set(st.in_flight)
-        rt.metrics.backend_queued.labels(name).set(st.admission.queued)
-        rt.metrics.backend_concurrency.labels(name).set(st.admission.limit)
+    rt.refresh_gauges()
     return rt.metrics.render()

@@ -1,0 +1,22 @@
+"""The control channel between the parent and its workers: one JSON object per line over a unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+LIMIT = 16 * 1024 * 1024  # a line holds a snapshot or a report: far below this
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":"), default=str).encode() + b"\n"
+
+
+async def read(reader: asyncio.StreamReader) -> dict[str, Any] | None:
+    """The next message, or None at end of stream."""
+    line = await reader.readline()
+    if not line:
+        return None
+    message: dict[str, Any] = json.loads(line)
+    return message

@@ -1,0 +1,117 @@
+"""What `/v1/backends` and `/v1/consistency` show, built from a runtime.
+
+One place for both modes: a single process renders its own runtime; with `--workers N` the control
+plane renders its runtime (the shared view) and adds what each worker reports about its own traffic.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.runtime import Runtime
+
+# Per-backend figures each worker counts for its own traffic; the shared view adds them up.
+WORKER_COUNTS = ("in_flight", "queued", "concurrency_limit", "requests", "failures", "circuit_trips")
+
+
+def worker_figures(rt: Runtime) -> dict[str, dict[str, Any]]:
+    """This process's own traffic figures per backend (what a worker reports to the control plane)."""
+    return {
+        st.backend.name: {
+            "in_flight": st.in_flight,
+            "queued": st.admission.queued,
+            "concurrency_limit": st.admission.limit,
+            "requests": st.requests,
+            "failures": st.failures,
+            "circuit_trips": st.breaker.trips,
+            "circuit": str(st.breaker.state),
+            "last_success_at": st.last_success_at,
+            "last_latency_ms": st.last_latency_ms,
+            "latency_ewma_ms": st.latency_ewma_ms,
+        }
+        for st in rt.states
+    }
+
+
+def backends_view(rt: Runtime, workers: list[dict[str, Any]] | None = None, count: int = 1) -> dict[str, Any]:
+    """`workers`: {"id", "pid", "backends": worker_figures()} of each worker process, when other processes
+    serve the traffic (`count` of them configured)."""
+    out = []
+    for st in rt.states:
+        b = st.backend
+        sup = rt.supervisors.get(b.name)
+        report = rt.consistency.reports.get(b.model) if rt.consistency else None
+        judged = report.result(b.name) if report else None
+        entry: dict[str, Any] = {
+            "name": b.name,
+            "kind": b.kind,
+            "model": b.model,
+            "url": b.public_url(),
+            "priority": b.priority,
+            "healthy": st.healthy,
+            "circuit": str(st.breaker.state),
+            "agreement": str(st.agreement),
+            "agreement_detail": st.agreement_detail,
+            "space_id": rt.consistency.space_id(b.model) if rt.consistency else None,
+            "min_cosine": judged.min_cosine if judged else None,
+            "mean_cosine": judged.mean_cosine if judged else None,
+            "shadow": st.shadow,
+            "circuit_trips": st.breaker.trips,
+            "last_error": st.last_error,
+            "last_error_at": st.last_error_at,
+            "last_check_at": st.last_check_at,
+            "last_latency_ms": st.last_latency_ms,
+            "latency_ewma_ms": st.latency_ewma_ms,
+            "in_flight": st.in_flight,
+            "queued": st.admission.queued,
+            "concurrency_limit": st.admission.limit,
+            "requests": st.requests,
+            "failures": st.failures,
+        }
+        if workers is not None:
+            _merge_workers(entry, b.name, workers)
+        if sup is not None:
+            entry["managed"] = {
+                "pid": sup.process.proc.pid if sup.process.proc else None,
+                "restarts": sup.restarts,
+                "error": sup.error,
+            }
+        out.append(entry)
+    body: dict[str, Any] = {"object": "list", "data": out}
+    if rt.consistency is not None and rt.consistency.errors:
+        body["agreement_check_errors"] = dict(rt.consistency.errors)
+    body["workers"] = count
+    if workers is not None:
+        body["worker_processes"] = sorted(({"id": w["id"], "pid": w["pid"]} for w in workers), key=lambda w: w["id"])
+    return body
+
+
+def _merge_workers(entry: dict[str, Any], name: str, workers: list[dict[str, Any]]) -> None:
+    """Traffic figures are the workers' sum; circuits are per worker (each keeps its own breaker)."""
+    figures = [w["backends"][name] for w in workers if name in w["backends"]]
+    for key in WORKER_COUNTS:
+        entry[key] = sum(f[key] for f in figures)
+    circuits = {str(w["pid"]): w["backends"][name]["circuit"] for w in workers if name in w["backends"]}
+    entry["circuits"] = circuits
+    # One word for dashboards: closed only when every worker's circuit is closed.
+    entry["circuit"] = next((c for c in circuits.values() if c != "closed"), "closed")
+    latencies = [f["latency_ewma_ms"] for f in figures if f["latency_ewma_ms"] is not None]
+    if latencies:
+        entry["latency_ewma_ms"] = round(sum(latencies) / len(latencies), 3)
+
+
+def consistency_view(rt: Runtime) -> dict[str, Any]:
+    """`GET /v1/consistency` without the shadows (which each process samples from its own traffic)."""
+    assert rt.consistency is not None
+    data = []
+    for model in rt.profiles:
+        report = rt.consistency.reports.get(model)
+        data.append(report.to_dict() if report else {"model": model, "status": "pending"})
+    return {"object": "list", "enabled": rt.settings.consistency.enabled, "data": data}
+
+
+async def check_view(rt: Runtime, model: str | None) -> dict[str, Any]:
+    """`POST /v1/consistency`: check now (one model, or all) and return the reports."""
+    assert rt.consistency is not None
+    reports = [await rt.consistency.check(m) for m in ([model] if model else list(rt.profiles))]
+    return {"object": "list", "enabled": rt.settings.consistency.enabled, "data": [r.to_dict() for r in reports]}
