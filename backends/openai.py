@@ -26,6 +26,7 @@ from backends.errors import (
     PayloadTooLarge,
 )
 from backends.http import (
+    JsonPoster,
     decode_base64_vector,
     error_message,
     make_client,
@@ -82,6 +83,7 @@ class OpenAICompatAdapter:
             headers=headers,
             verify=tls_verify(config),
         )
+        self._poster = JsonPoster(self._client, self._url, config.connect_timeout_s)
 
     def public_url(self) -> str:
         return redact_url(self._url)
@@ -89,23 +91,16 @@ class OpenAICompatAdapter:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    def _call_timeout(self, texts: int) -> httpx.Timeout:
-        # Bigger sub-batches take longer: the read timeout grows with the texts in the call.
-        return httpx.Timeout(self.config.call_timeout_s(texts), connect=self.config.connect_timeout_s)
-
     def _request_body(self, texts: Sequence[str]) -> bytes:
         return msgspec.json.encode({"input": list(texts), "model": self.remote_model, "encoding_format": "base64"})
 
     async def embed(self, texts: Sequence[str], prompt_name: str | None = None) -> Embeddings:
         async with transport_errors(self.name):
-            resp = await self._client.post(
-                "/v1/embeddings",
-                content=self._request_body(texts),
-                timeout=self._call_timeout(len(texts)),
-                headers={"Content-Type": "application/json"},
+            resp = await self._poster.post(
+                "/v1/embeddings", self._request_body(texts), self.config.call_timeout_s(len(texts))
             )
         if resp.status_code != 200:
-            raise self._error(resp)
+            raise self._error(resp.as_httpx())
         try:
             parsed = _decode_response(resp.content)
         except msgspec.DecodeError as exc:

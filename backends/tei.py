@@ -28,7 +28,15 @@ from backends.errors import (
     InputRejected,
     PayloadTooLarge,
 )
-from backends.http import error_message, make_client, redact_url, retry_after_seconds, stack_rows, transport_errors
+from backends.http import (
+    JsonPoster,
+    error_message,
+    make_client,
+    redact_url,
+    retry_after_seconds,
+    stack_rows,
+    transport_errors,
+)
 from backends.openai import tls_verify
 from config.backends import TeiBackend
 
@@ -54,6 +62,7 @@ class TeiAdapter:
             headers=headers,
             verify=tls_verify(config),
         )
+        self._poster = JsonPoster(self._client, self._url, config.connect_timeout_s)
         self._info: dict[str, Any] | None = None
 
     def public_url(self) -> str:
@@ -62,10 +71,6 @@ class TeiAdapter:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    def _call_timeout(self, texts: int) -> httpx.Timeout:
-        # Bigger sub-batches take longer: the read timeout grows with the texts in the call.
-        return httpx.Timeout(self.config.call_timeout_s(texts), connect=self.config.connect_timeout_s)
-
     async def embed(self, texts: Sequence[str], prompt_name: str | None = None) -> Embeddings:
         # Batches over TEI's max_client_batch_size (TEI #378) never get here: the router cuts
         # sub-batches to the limit describe() reports; a stale limit comes back as PayloadTooLarge.
@@ -73,14 +78,9 @@ class TeiAdapter:
         if self.applies_prompt and prompt_name is not None:
             body["prompt_name"] = prompt_name
         async with transport_errors(self.name):
-            resp = await self._client.post(
-                "/embed",
-                content=msgspec.json.encode(body),
-                timeout=self._call_timeout(len(texts)),
-                headers={"Content-Type": "application/json"},
-            )
+            resp = await self._poster.post("/embed", msgspec.json.encode(body), self.config.call_timeout_s(len(texts)))
         if resp.status_code != 200:
-            raise self._error(resp)
+            raise self._error(resp.as_httpx())
         try:
             rows = _decode_matrix(resp.content)
         except msgspec.DecodeError as exc:  # also catches NaN (not JSON) and null (TEI's NaN)

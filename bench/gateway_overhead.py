@@ -62,6 +62,7 @@ http {{
 LUA = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {key}"
 wrk.body = '{"model": "bench", "input": ["The quick brown fox jumps over the lazy dog."], "encoding_format": "float"}'
 """
 
@@ -141,6 +142,7 @@ def wait_ready(url: str, path: str = "/ready", timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
+LITELLM_KEY = "sk-bench-" + "5f3c9a1e7b2d4c6f8a0b1c2d3e4f5a6b"  # LiteLLM refuses to start without a master key
 LITELLM_VENV = Path.home() / ".cache" / "embedding-gateway" / "bench-litellm"
 
 
@@ -225,7 +227,8 @@ def process(cmd: list[str], url: str, ready_path: str, env: dict[str, str] | Non
 
 def measure(name: str, url: str, pid: int, lua: Path, args: argparse.Namespace, rss: bool = False) -> Result:
     endpoint = f"{url}/v1/embeddings"
-    check = httpx.post(endpoint, json={"model": "bench", "input": "x"}, timeout=30).json()
+    auth = {"Authorization": f"Bearer {LITELLM_KEY}"}
+    check = httpx.post(endpoint, json={"model": "bench", "input": "x"}, headers=auth, timeout=30).json()
     assert len(check["data"][0]["embedding"]) == 1024, check
     wrk(endpoint, lua, 2, args.connections, args.threads)  # warm up
     before = tree_cpu(pid)
@@ -268,7 +271,7 @@ def main() -> int:
     work.chmod(0o755)  # nginx workers run unprivileged and must read body.json
     (work / "body.json").write_bytes(stub_body())
     lua = work / "post.lua"
-    lua.write_text(LUA)
+    lua.write_text(LUA.replace("{key}", LITELLM_KEY))
     stub_port = free_port()
     (work / "nginx.conf").write_text(NGINX_CONF.format(dir=work, port=stub_port))
     nginx = subprocess.Popen([shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(work / "nginx.conf")])
@@ -301,7 +304,8 @@ def main() -> int:
             port = free_port()
             (work / "litellm.yaml").write_text(LITELLM_CONFIG.format(stub=stub_port))
             cmd = [str(litellm), "--config", str(work / "litellm.yaml"), "--port", str(port), "--num_workers", "2"]
-            with process(cmd, f"http://127.0.0.1:{port}", "/health/liveliness") as pid:
+            env = {"LITELLM_MASTER_KEY": LITELLM_KEY}
+            with process(cmd, f"http://127.0.0.1:{port}", "/health/liveliness", env) as pid:
                 results.append(measure("litellm w2", f"http://127.0.0.1:{port}", pid, lua, args))
     finally:
         nginx.send_signal(signal.SIGQUIT)

@@ -9,10 +9,9 @@ from litestar import Litestar
 from litestar.datastructures import State
 
 from config.settings import GatewaySettings
-from gateway.api import consistency, errors, ops
+from gateway.api import consistency, errors, openai, ops, tei
 from gateway.api.context import RequestContext
-from gateway.api.openai import create_embeddings
-from gateway.api.tei import embed
+from gateway.api.direct import EmbeddingRoutes
 from gateway.reload import Reloader
 from gateway.runtime import Runtime
 
@@ -31,8 +30,6 @@ def create_app(
     state.reloader = reloader
     app = Litestar(
         route_handlers=[
-            create_embeddings,
-            embed,
             ops.health,
             ops.ready,
             ops.models,
@@ -49,4 +46,7 @@ def create_app(
         openapi_config=None,
         logging_config=None,  # the CLI configures logging once for the whole process
     )
-    return RequestContext(app, runtime.metrics)
+    direct = EmbeddingRoutes(
+        state, {"/v1/embeddings": (openai.parse, openai.render), "/embed": (tei.parse, tei.render)}
+    )
+    return RequestContext(app, runtime.metrics, direct)

@@ -153,7 +153,7 @@ class BackendCalls:
                 f"the request's deadline passed while waiting for backend {name!r} "
                 f"({st.admission.limit} calls at a time)"
             ) from None
-        self._metrics.admission_wait_seconds.labels(name).observe(time.perf_counter() - queued_at)
+        self._metrics.admission_waited(name, time.perf_counter() - queued_at)
         if self.too_late(st, deadline):
             st.admission.release()
             raise DeadlineExceeded(f"the request's deadline passed while waiting for backend {name!r}")

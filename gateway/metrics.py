@@ -9,6 +9,7 @@ the workers' sum; `mostrecent`: the control plane's latest value; `livemax`: any
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -164,6 +165,25 @@ class Metrics:
             registry=self.registry,
         )
         self._spaces: dict[str, str] = {}
+        # Labelled children looked up once: `labels()` validates and locks on every call (hot path).
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (metric._name, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def request_done(self, route: str, status: int, seconds: float) -> None:
+        self._child(self.requests, route, str(status)).inc()
+        self._child(self.request_seconds, route).observe(seconds)
+
+    def inputs_served(self, model: str, n: int) -> None:
+        self._child(self.inputs, model).inc(n)
+
+    def admission_waited(self, backend: str, seconds: float) -> None:
+        self._child(self.admission_wait_seconds, backend).observe(seconds)
 
     def set_space(self, model: str, space_id: str) -> None:
         previous = self._spaces.get(model)
@@ -176,8 +196,8 @@ class Metrics:
         self._spaces[model] = space_id
 
     def backend_call(self, backend: str, outcome: str, seconds: float) -> None:
-        self.backend_calls.labels(backend, outcome).inc()
-        self.backend_seconds.labels(backend).observe(seconds)
+        self._child(self.backend_calls, backend, outcome).inc()
+        self._child(self.backend_seconds, backend).observe(seconds)
 
     def fallback(self, model: str) -> None:
         self.fallbacks.labels(model).inc()

@@ -111,7 +111,7 @@ class Router:
                 raise
             log.info("model %s: a newly verified backend takes over the request", model)
             routed = await self._route(model, texts, prompt, deadline)
-        self._metrics.inputs.labels(model).inc(len(texts))  # texts served, not texts asked for
+        self._metrics.inputs_served(model, len(texts))  # texts served, not texts asked for
         return routed
 
     async def _route(self, model: str, texts: list[str], prompt: Prompt, deadline: Deadline) -> Routed:

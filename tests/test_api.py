@@ -206,6 +206,18 @@ def test_malformed_json_and_oversized_body(gw: RunningGateway) -> None:
     assert big.status_code == 413 and "max_body_bytes" in big.json()["error"]["message"]
     tei = post(gw, b"{oops", "/embed")
     assert tei.status_code == 400 and set(tei.json()) == {"error", "error_type"}
+    # Chunked (no content-length) and over the limit: 413 as well, once the limit is crossed.
+    chunks = iter([b'{"model": "minilm", "input": ["', b"x" * 300_000, b'"]}'])
+    chunked = httpx.post(gw.url + "/v1/embeddings", content=chunks, headers={"content-type": "application/json"})
+    assert chunked.status_code == 413
+
+
+def test_other_methods_on_embedding_routes_are_405_in_dialect(gw: RunningGateway) -> None:
+    openai = httpx.get(gw.url + "/v1/embeddings")
+    assert openai.status_code == 405 and openai.headers["allow"] == "POST"
+    assert openai.json()["error"]["code"] == "method_not_allowed"
+    tei = httpx.put(gw.url + "/embed", json={"inputs": "x"})
+    assert tei.status_code == 405 and set(tei.json()) == {"error", "error_type"}
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from backends.errors import (
     BadBackendOutput,
     InputRejected,
 )
+from backends.http import JsonPoster
 from backends.llamacpp import LlamaCppAdapter
 from backends.managed.process import LlamaCppProcess, free_port
 from config.backends import LlamaCppBackend
@@ -79,6 +80,7 @@ async def test_wrong_api_key_is_misconfigured_and_key_never_leaks(
 def mocked(handler: Callable[[httpx.Request], httpx.Response]) -> LlamaCppAdapter:
     a = adapter("http://backend.invalid")
     a._client = httpx.AsyncClient(base_url="http://backend.invalid", transport=httpx.MockTransport(handler))
+    a._poster = JsonPoster(a._client, "http://backend.invalid", 1.0)
     return a
 
 

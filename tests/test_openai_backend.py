@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from backends.errors import BackendMisconfigured, BackendOverloaded, BackendUnavailable, InputRejected, PayloadTooLarge
+from backends.http import JsonPoster
 from backends.managed.process import LlamaCppProcess
 from backends.openai import OpenAICompatAdapter
 from config.backends import OpenAIBackend
@@ -57,6 +58,7 @@ def mocked(handler: Callable[[httpx.Request], httpx.Response], **kw: object) -> 
     cfg = OpenAIBackend.model_validate(openai_backend("o", "http://vllm.invalid", "m", **kw))
     a = OpenAICompatAdapter(cfg)
     a._client = httpx.AsyncClient(base_url="http://vllm.invalid", transport=httpx.MockTransport(handler))
+    a._poster = JsonPoster(a._client, "http://vllm.invalid", 1.0)
     return a
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.api import errors
+from gateway.api.direct import EmbeddingRoutes
 from gateway.errors import ShuttingDown
 from gateway.logs import REQUEST_ID
 from gateway.metrics import Metrics
@@ -37,9 +38,10 @@ _KNOWN_ROUTES = {
 
 
 class RequestContext:
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, direct: EmbeddingRoutes | None = None) -> None:
         self.app = app
         self.metrics = metrics
+        self.direct = direct  # the embedding routes, served without Litestar
 
     def __getattr__(self, name: str) -> Any:  # expose the wrapped app's attributes (state, routes...)
         return getattr(self.app, name)
@@ -70,7 +72,10 @@ class RequestContext:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            if self.direct is not None and self.direct.wants(scope):
+                await self.direct(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
         except asyncio.CancelledError:
             # The server cancels requests that outlive the shutdown grace: answer them properly.
             if status:
@@ -84,5 +89,4 @@ class RequestContext:
             await send_with_id(start)
             await send_with_id({"type": "http.response.body", "body": body, "more_body": False})
         finally:
-            self.metrics.requests.labels(route, str(status or 500)).inc()
-            self.metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+            self.metrics.request_done(route, status or 500, time.perf_counter() - started)

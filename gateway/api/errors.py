@@ -97,13 +97,13 @@ _limiter = _LogLimiter()
 _traced: set[str] = set()  # unexpected errors get a traceback once per type and place, then one line
 
 
-def _log(request: Request[Any, Any, Any], problem: Problem, exc: Exception) -> None:
+def log_problem(method: str, path: str, problem: Problem, exc: Exception) -> None:
     """One short line per failed request (the request id comes from the log format), rate-limited."""
     if problem.status == 499 or not _limiter.allow():
         return
     more = f" ({_limiter.suppressed} similar lines suppressed)" if _limiter.suppressed else ""
     _limiter.suppressed = 0
-    line = f"{request.method} {request.url.path} -> {problem.status} {problem.code}: {problem.message[:200]}{more}"
+    line = f"{method} {path} -> {problem.status} {problem.code}: {problem.message[:200]}{more}"
     if problem.code == "internal_error":
         tb = exc.__traceback__
         while tb is not None and tb.tb_next is not None:
@@ -137,7 +137,7 @@ def render(path: str, problem: Problem) -> bytes:
 
 def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     problem = classify(exc)
-    _log(request, problem, exc)
+    log_problem(request.method, request.url.path, problem, exc)
     return Response(
         render(request.url.path, problem),
         status_code=problem.status,

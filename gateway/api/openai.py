@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import base64
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
-from litestar import Request, Response, post
+import orjson
 
 from gateway.api.inputs import decode_body, parse_texts
-from gateway.api.serve import serve_embeddings
 from gateway.errors import InvalidRequest
 from gateway.pipeline import EmbedRequest
 from gateway.runtime import Runtime
@@ -25,25 +24,7 @@ class OpenAIEmbeddingRequest(msgspec.Struct):
     prompt_name: str | None = None  # extension: "document" | "query" (the model's prompts)
 
 
-class _Item(msgspec.Struct):
-    index: int
-    embedding: list[float] | str
-    object: Literal["embedding"] = "embedding"
-
-
-class _Usage(msgspec.Struct):
-    prompt_tokens: int
-    total_tokens: int
-
-
-class _Response(msgspec.Struct):
-    data: list[_Item]
-    model: str
-    usage: _Usage
-    object: Literal["list"] = "list"
-
-
-_encode = msgspec.json.Encoder().encode
+_NUMPY = orjson.OPT_SERIALIZE_NUMPY
 
 
 def to_request(body: bytes, max_inputs: int) -> EmbedRequest:
@@ -60,21 +41,18 @@ def to_request(body: bytes, max_inputs: int) -> EmbedRequest:
 
 
 def render(result: EmbedResult, req: EmbedRequest) -> bytes:
+    """Float rows go out as float32 numbers in their shortest form (each parses back to the exact
+    float32 the pipeline produced), written by orjson straight from the matrix: no Python floats."""
     vectors = result.vectors
     if req.encoding == "base64":
         little = vectors.astype("<f4", copy=False)
-        embeddings: list[Any] = [base64.b64encode(row.tobytes()).decode("ascii") for row in little]
+        embeddings: Any = [base64.b64encode(row.tobytes()).decode("ascii") for row in little]
     else:
-        embeddings = vectors.tolist()
-    items = [_Item(index=i, embedding=e) for i, e in enumerate(embeddings)]
-    usage = _Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens)
-    return _encode(_Response(data=items, model=req.model, usage=usage))
+        embeddings = vectors
+    data = [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(embeddings)]
+    usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
+    return orjson.dumps({"object": "list", "data": data, "model": req.model, "usage": usage}, option=_NUMPY)
 
 
-def _parse(body: bytes, runtime: Runtime) -> EmbedRequest:
+def parse(body: bytes, runtime: Runtime) -> EmbedRequest:
     return to_request(body, runtime.settings.server.max_inputs)
-
-
-@post("/v1/embeddings", status_code=200)
-async def create_embeddings(request: Request[Any, Any, Any]) -> Response[bytes]:
-    return await serve_embeddings(request, _parse, render)

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, post
+import orjson
 
 from gateway.api.inputs import decode_body, parse_texts
-from gateway.api.serve import serve_embeddings
 from gateway.errors import InvalidRequest
 from gateway.pipeline import EmbedRequest
 from gateway.runtime import Runtime
@@ -25,9 +24,6 @@ class TEIEmbedRequest(msgspec.Struct):
     model: str | None = None  # extension: which model; default the server's default model
 
 
-_encode = msgspec.json.Encoder().encode
-
-
 def to_request(body: bytes, default_model: str, max_inputs: int) -> EmbedRequest:
     req: TEIEmbedRequest = decode_body(body, TEIEmbedRequest)
     if not req.normalize:
@@ -42,14 +38,9 @@ def to_request(body: bytes, default_model: str, max_inputs: int) -> EmbedRequest
     return EmbedRequest(req.model or default_model, texts, req.prompt_name, req.dimensions, "float")
 
 
-def _parse(body: bytes, runtime: Runtime) -> EmbedRequest:
+def parse(body: bytes, runtime: Runtime) -> EmbedRequest:
     return to_request(body, runtime.default_model, runtime.settings.server.max_inputs)
 
 
-def _render(result: EmbedResult, _req: EmbedRequest) -> bytes:
-    return _encode(result.vectors.tolist())
-
-
-@post("/embed", status_code=200)
-async def embed(request: Request[Any, Any, Any]) -> Response[bytes]:
-    return await serve_embeddings(request, _parse, _render)
+def render(result: EmbedResult, _req: EmbedRequest) -> bytes:
+    return orjson.dumps(result.vectors, option=orjson.OPT_SERIALIZE_NUMPY)  # float32 rows, shortest form
