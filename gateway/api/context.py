@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
+import random
 import time
 from typing import Any
 
@@ -52,7 +52,8 @@ class RequestContext:
             return
         request_id = next((v for k, v in scope["headers"] if k == _HEADER), b"")[:128]
         if not request_id:
-            request_id = os.urandom(16).hex().encode()  # as random as uuid4, without building a UUID
+            # 128 random bits, unique like uuid4; ids need no secrecy, so no syscall per request.
+            request_id = b"%032x" % random.getrandbits(128)
             scope["headers"] = [*scope["headers"], (_HEADER, request_id)]
         REQUEST_ID.set(request_id.decode("latin-1"))
         head = scope.get("method") == "HEAD"
