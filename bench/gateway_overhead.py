@@ -8,7 +8,9 @@ backend costs almost nothing and the gateway's own cost shows. Phases, all in on
   process tree: control plane and workers), the added p50 at 1 connection;
 - `--litellm`: LiteLLM's proxy with 2 workers through the same stub (installed into a throw-away venv
   under ~/.cache on first use; it is not a dependency of the gateway);
-- `--rss`: resident memory of every gateway process after 10k and after 100k requests.
+- `--rss`: resident memory of every gateway process after 10k and after 100k requests;
+- `--auth`: the 1-worker gateway again with caller keys and quotas, counted in memory and in a real
+  Redis (Debian's redis-server), against auth off (the plain 1-worker phase) in the same run.
 
     make bench                      # or: python bench/gateway_overhead.py --duration 10 --litellm --rss
 Needs Debian's nginx and wrk (`apt-get install nginx-light wrk`); not part of `make test`.
@@ -19,6 +21,7 @@ cores the gateway would otherwise use.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -198,6 +201,17 @@ max_concurrency = 256
 enabled = false  # the stub answers one fixed vector: nothing to check
 """
 
+AUTH_CONFIG = """
+[auth]
+enabled = true
+storage = "{storage}"
+[[auth.keys]]
+name = "bench"
+hash = "{hash}"
+rpm = 1000000000
+texts_per_minute = 1000000000
+"""
+
 LITELLM_CONFIG = """
 model_list:
   - model_name: bench
@@ -260,6 +274,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--litellm", action="store_true", help="also measure LiteLLM's proxy (2 workers)")
     ap.add_argument("--rss", action="store_true", help="RSS per process after 10k and 100k requests")
+    ap.add_argument("--auth", action="store_true", help="also auth + memory quotas and auth + Redis quotas")
     ap.add_argument("--profile", help="write a py-spy collapsed-stack profile of the 1-worker gateway here")
     args = ap.parse_args()
     for tool in ("nginx", "wrk"):
@@ -276,28 +291,38 @@ def main() -> int:
     (work / "nginx.conf").write_text(NGINX_CONF.format(dir=work, port=stub_port))
     nginx = subprocess.Popen([shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(work / "nginx.conf")])
     results: list[Result] = []
+    redis = None
     try:
         stub = f"http://127.0.0.1:{stub_port}"
         wait_ready(stub, "/health")
         wrk(f"{stub}/v1/embeddings", lua, 2, args.connections, args.threads)
         direct = wrk(f"{stub}/v1/embeddings", lua, args.duration, args.connections, args.threads)
         results.append(Result("direct", direct, wrk(f"{stub}/v1/embeddings", lua, max(3, args.duration // 2), 1, 1)))
-        for workers in (1, 2):
+        redis = start_redis(work) if args.auth else None
+        phases: list[tuple[str, int, str]] = [("", 1, ""), ("", 2, "")]
+        if redis is not None:
+            key_hash = hashlib.sha256(LITELLM_KEY.encode()).hexdigest()
+            phases += [
+                (" auth mem", 1, AUTH_CONFIG.format(storage="memory://", hash=key_hash)),
+                (" auth redis", 1, AUTH_CONFIG.format(storage=redis[0], hash=key_hash)),
+            ]
+        for suffix, workers, auth in phases:
             port = free_port()
-            config = work / f"gateway-{workers}.toml"
-            config.write_text(GATEWAY_CONFIG.format(port=port, stub=stub_port))
+            config = work / f"gateway-{workers}{suffix.replace(' ', '-')}.toml"
+            config.write_text(GATEWAY_CONFIG.format(port=port, stub=stub_port) + auth)
             cmd = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config), "--workers", str(workers)]
             url = f"http://127.0.0.1:{port}"
             with process(cmd, url, "/ready") as pid:
                 spy = None
-                if args.profile and workers == 1:  # py-spy (pip install py-spy; not a dependency)
+                if args.profile and workers == 1 and not suffix:  # py-spy (pip install py-spy; not a dependency)
                     spy_cmd = ["py-spy", "record", "--format", "raw", "-o", args.profile]
                     spy = subprocess.Popen(
                         [*spy_cmd, "-d", str(args.duration + 2), "-p", str(pid)],
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
                     )
-                results.append(measure(f"gateway w{workers}", url, pid, lua, args, rss=args.rss and workers == 2))
+                rss = args.rss and workers == 2 and not suffix
+                results.append(measure(f"gateway w{workers}{suffix}", url, pid, lua, args, rss=rss))
                 if spy is not None:
                     spy.wait(timeout=60)
         if litellm is not None:
@@ -308,6 +333,8 @@ def main() -> int:
             with process(cmd, f"http://127.0.0.1:{port}", "/health/liveliness", env) as pid:
                 results.append(measure("litellm w2", f"http://127.0.0.1:{port}", pid, lua, args))
     finally:
+        if redis is not None:
+            redis[1].kill()
         nginx.send_signal(signal.SIGQUIT)
         nginx.wait(timeout=10)
         shutil.rmtree(work, ignore_errors=True)
@@ -315,13 +342,24 @@ def main() -> int:
     return 0
 
 
+def start_redis(work: Path) -> tuple[str, subprocess.Popen[bytes]]:
+    port = free_port()
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(work)],
+        stdout=subprocess.DEVNULL,
+    )
+    time.sleep(0.5)
+    return f"redis://127.0.0.1:{port}/0", proc
+
+
 def report(results: list[Result], args: argparse.Namespace) -> None:
     print(f"cpus={os.cpu_count()} connections={args.connections} duration={args.duration}s body=1024-dim float JSON")
-    print(f"{'path':<12} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'1-conn p50':>11} {'CPU ms/req':>11}")
+    print(f"{'path':<22} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'1-conn p50':>11} {'CPU ms/req':>11}")
     for r in results:
         one = f"{r.one['p50_ms']:.3f}" if r.one else "-"
         cpu = f"{r.cpu_ms:.3f}" if r.cpu_ms is not None else "-"
-        line = f"{r.name:<12} {r.load['rps']:>9.0f} {r.load['p50_ms']:>8.2f} {r.load['p99_ms']:>8.2f}"
+        line = f"{r.name:<22} {r.load['rps']:>9.0f} {r.load['p50_ms']:>8.2f} {r.load['p99_ms']:>8.2f}"
         print(f"{line} {r.load['non_2xx']:>8.0f} {one:>11} {cpu:>11}")
     by = {r.name: r for r in results}
     direct = by["direct"]
@@ -339,6 +377,16 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
             f"workers 2 vs 1: req/s x{w2.load['rps'] / w1.load['rps']:.2f}, "
             f"CPU per request x{(w2.cpu_ms or 0) / (w1.cpu_ms or 1):.2f}"
         )
+    plain = by.get("gateway w1")
+    for name in ("gateway w1 auth mem", "gateway w1 auth redis"):
+        if name in by and plain is not None and plain.one is not None and by[name].one is not None:
+            a = by[name]
+            assert a.one is not None
+            print(
+                f"{name} vs auth off: req/s x{a.load['rps'] / plain.load['rps']:.3f}, "
+                f"added p50 at 1 connection {a.one['p50_ms'] - plain.one['p50_ms']:+.3f} ms, "
+                f"CPU per request x{(a.cpu_ms or 0) / (plain.cpu_ms or 1):.3f}"
+            )
     if "litellm w2" in by:
         lite = by["litellm w2"]
         for name in ("gateway w1", "gateway w2"):

@@ -15,6 +15,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from config.auth import AuthSettings
 from config.backends import BackendConfig
 from config.profiles import BUILTIN_PROFILES, ModelProfile, Pooling
 
@@ -151,6 +152,7 @@ class GatewaySettings(BaseSettings):
     server: ServerSettings = ServerSettings()
     resilience: ResilienceSettings = ResilienceSettings()
     consistency: ConsistencySettings = ConsistencySettings()
+    auth: AuthSettings = AuthSettings()
     models: list[ModelConfig] = Field(min_length=1)
     backends: list[BackendConfig] = Field(min_length=1)
 
@@ -170,6 +172,10 @@ class GatewaySettings(BaseSettings):
                 raise ValueError(f"models {m.name!r}: reference {m.reference!r} is not one of its backends {own}")
         if self.server.default_model is not None and self.server.default_model not in model_names:
             raise ValueError(f"server.default_model {self.server.default_model!r} is not in [[models]] {model_names}")
+        for k in self.auth.keys:
+            unknown = [m for m in k.models if m != "*" and m not in model_names]
+            if unknown:
+                raise ValueError(f"auth key {k.name!r} allows models {unknown}, which are not in [[models]]")
         served = {b.model for b in self.backends}
         lonely = [m for m in model_names if m not in served]
         if lonely:

@@ -36,6 +36,8 @@ def create_app(
             ops.model,
             ops.backends,
             ops.metrics,
+            ops.usage,
+            ops.reload,
             consistency.last_reports,
             consistency.check_now,
         ],
@@ -49,4 +51,4 @@ def create_app(
     direct = EmbeddingRoutes(
         state, {"/v1/embeddings": (openai.parse, openai.render), "/embed": (tei.parse, tei.render)}
     )
-    return RequestContext(app, runtime.metrics, direct)
+    return RequestContext(app, runtime.metrics, direct, state)

@@ -63,3 +63,34 @@ class DeadlineExceeded(GatewayError):
 
     status_code = 504
     code = "deadline_exceeded"
+
+
+class Unauthenticated(GatewayError):
+    """No valid caller key: 401."""
+
+    status_code = 401
+    code = "invalid_api_key"
+
+
+class Forbidden(GatewayError):
+    """A valid key that may not do this (an admin route): 403."""
+
+    status_code = 403
+    code = "permission_denied"
+
+
+class RateLimited(GatewayError):
+    """The key's quota is used up for now: 429 with Retry-After and the x-ratelimit-* headers."""
+
+    status_code = 429
+
+    def __init__(self, message: str, *, code: str, headers: dict[str, str]) -> None:
+        super().__init__(message)
+        self.code = code
+        self.headers = headers
+
+
+class QuotaStorageUnavailable(NoBackendAvailable):
+    """The shared quota store is unreachable and `on_storage_error = "reject"`: 503."""
+
+    code = "quota_storage_unavailable"

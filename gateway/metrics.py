@@ -164,6 +164,35 @@ class Metrics:
             ["model", "backend"],
             registry=self.registry,
         )
+        self.key_requests = Counter(
+            "embedding_gateway_key_requests_total",
+            "Requests by caller key name and status (auth on).",
+            ["key", "status"],
+            registry=self.registry,
+        )
+        self.key_texts = Counter(
+            "embedding_gateway_key_texts_total",
+            "Texts embedded by caller key name and model.",
+            ["key", "model"],
+            registry=self.registry,
+        )
+        self.key_tokens = Counter(
+            "embedding_gateway_key_tokens_total",
+            "Prompt tokens by caller key name and model (the backend's count, else the estimate).",
+            ["key", "model"],
+            registry=self.registry,
+        )
+        self.key_rejections = Counter(
+            "embedding_gateway_key_rejections_total",
+            "Requests refused by caller key name and reason (invalid_key has key '-').",
+            ["key", "reason"],
+            registry=self.registry,
+        )
+        self.ratelimit_storage_errors = Counter(
+            "embedding_gateway_ratelimit_storage_errors_total",
+            "Calls to the shared quota storage that failed (the fallback applied).",
+            registry=self.registry,
+        )
         self._spaces: dict[str, str] = {}
         # Labelled children looked up once: `labels()` validates and locks on every call (hot path).
         self._children: dict[tuple[str, ...], Any] = {}
@@ -178,6 +207,16 @@ class Metrics:
     def request_done(self, route: str, status: int, seconds: float) -> None:
         self._child(self.requests, route, str(status)).inc()
         self._child(self.request_seconds, route).observe(seconds)
+
+    def key_request(self, key: str, status: int) -> None:
+        self._child(self.key_requests, key, str(status)).inc()
+
+    def key_served(self, key: str, model: str, texts: int, tokens: int) -> None:
+        self._child(self.key_texts, key, model).inc(texts)
+        self._child(self.key_tokens, key, model).inc(tokens)
+
+    def key_rejection(self, key: str, reason: str) -> None:
+        self._child(self.key_rejections, key, reason).inc()
 
     def inputs_served(self, model: str, n: int) -> None:
         self._child(self.inputs, model).inc(n)
@@ -201,6 +240,14 @@ class Metrics:
 
     def fallback(self, model: str) -> None:
         self.fallbacks.labels(model).inc()
+
+    def collect(self) -> Any:
+        """The metric families, every process's added up under `serve --workers N`."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return registry.collect()
+        return self.registry.collect()
 
     def render(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # every process's values, added up

@@ -47,6 +47,7 @@ class Reloader:
         self._state = state
         self._path = config_path
         self._after = after
+        self.last_error: str | None = None  # why the last reload was refused
         self._lock = asyncio.Lock()
         self.reloads = 0
 
@@ -96,12 +97,15 @@ class Reloader:
             try:
                 settings = load_settings(self._path)
             except ConfigError as exc:
-                log.error("reload refused, the running configuration stays: %s", " ".join(str(exc).split()))
+                self.last_error = " ".join(str(exc).split())
+                log.error("reload refused, the running configuration stays: %s", self.last_error)
                 return False
+            self.last_error = None
             if settings.server != old.settings.server:
                 log.warning("reload: [server] changes take effect only after a restart")
                 settings.server = old.settings.server
-            new = Runtime(settings, metrics=old.metrics)
+            new = Runtime(settings, metrics=old.metrics, plane=old.plane, worker_id=old.worker_id)
+            new.quotas.inherit(old.quotas)
             new.start(adopt=old.supervisors)
             started = time.monotonic()
             while not new.ready() and time.monotonic() - started < _TAKEOVER_LIMIT_S:

@@ -16,6 +16,8 @@ from backends.managed.supervisor import Supervisor
 from config.backends import LlamaCppBackend
 from config.settings import GatewaySettings
 from gateway.api.budget import WorkBudget
+from gateway.auth.guard import Guard
+from gateway.auth.quotas import Quotas
 from gateway.calls import BackendCalls
 from gateway.consistency.service import ConsistencyService
 from gateway.health import HealthMonitor
@@ -54,6 +56,8 @@ class Runtime:
         self.profiles = {m.name: m.resolved for m in settings.models}
         self.default_model = settings.server.default_model or settings.models[0].name
         self.budget = WorkBudget(settings.server.max_inflight_bytes, settings.server.max_inflight_texts)
+        self.guard = Guard(settings.auth, self.metrics)
+        self.quotas = Quotas(settings.auth, self.metrics, workers=lambda: self.workers)
         self.supervisors: dict[str, Supervisor] = {}
         self.started_at = int(time.time())
         self.active = 0  # embedding requests in flight on this runtime (a reload drains them)
@@ -62,6 +66,12 @@ class Runtime:
         self.health: HealthMonitor | None = None
         self.consistency: ConsistencyService | None = None
         self.shadows: Shadows | None = None
+
+    @property
+    def workers(self) -> int:
+        """Processes serving this port (`serve --workers N`), as the control plane says."""
+        snapshot = self.plane.snapshot if self.plane is not None else None
+        return int(snapshot.get("workers") or 1) if snapshot else 1
 
     @property
     def service(self) -> EmbeddingService:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +17,7 @@ import pytest
 
 from backends.managed.convert import convert_bert
 from backends.managed.models import prepare_gguf, source_dir
-from backends.managed.process import LlamaCppProcess
+from backends.managed.process import LlamaCppProcess, free_port
 from tests.helpers import run_asgi
 from tests.servers.base import ContractServer
 from tests.servers.elastic import ElasticConfig, ElasticServer
@@ -106,3 +110,44 @@ def variants(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "q8": convert_bert(src, tmp / "q8.gguf", outtype="q8_0"),
         "perturbed": convert_bert(src, tmp / "perturbed.gguf", transform=perturb),
     }
+
+
+@dataclass
+class RedisServer:
+    url: str
+    proc: subprocess.Popen[bytes]
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real Redis server (Debian's redis-server, which `make test` installs) on a free port."""
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed: `make test` installs it (apt-get install redis-server)")
+    port = free_port()
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
+    proc = subprocess.Popen([binary, *args], stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=port, socket_timeout=1)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.05)
+    try:
+        yield RedisServer(f"redis://127.0.0.1:{port}/0", proc)
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ def command(service: dict[str, Any]) -> str:
 
 def test_services_and_images(stack: dict[str, Any]) -> None:
     services = stack["services"]
-    assert set(services) == {"tei-gpu", "tei-cpu", "llamacpp", "elasticsearch", "es-setup", "gateway"}
+    assert set(services) == {"tei-gpu", "tei-cpu", "llamacpp", "elasticsearch", "es-setup", "redis", "gateway"}
     assert services["tei-gpu"]["image"] == "ghcr.io/huggingface/text-embeddings-inference:cuda-1.9"
     assert services["tei-cpu"]["image"] == "ghcr.io/huggingface/text-embeddings-inference:cpu-1.9"
     assert services["llamacpp"]["image"].startswith("ghcr.io/ggml-org/llama.cpp:server")
@@ -78,7 +79,12 @@ def test_mounted_gateway_config_lists_all_four_backends(stack: dict[str, Any], m
     source, target = mount.split(":")[:2]
     assert gw["environment"]["EMBEDDING_GATEWAY_CONFIG"] == target
     monkeypatch.setenv("ELASTIC_PASSWORD", "from-env")
+    for var in ("PLATFORM_API_KEY_SHA256", "OPS_KEY_SHA256"):
+        assert var in gw["environment"]
+        monkeypatch.setenv(var, hashlib.sha256(var.encode()).hexdigest())
     settings = load_settings(COMPOSE / source)
+    assert settings.auth.enabled and settings.auth.storage == "redis://redis:6379/0"
+    assert "redis" in stack["services"] and any(k.admin for k in settings.auth.keys)
     backends = {b.name: b for b in settings.backends}
     assert {type(b) for b in backends.values()} == {TeiBackend, LlamaCppBackend, ElasticBackend}
     assert set(backends) == {"tei-gpu", "tei-cpu", "llamacpp", "eis"}

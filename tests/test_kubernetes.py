@@ -36,6 +36,12 @@ def _container() -> dict[str, Any]:
     return _deployment()["spec"]["template"]["spec"]["containers"][0]  # type: ignore[no-any-return]
 
 
+def _secret_value(var: str) -> str:
+    """What the Secret would hold: key hashes are SHA-256s, the quota store a Redis URL."""
+    secret = manifests()["secret.example.yaml"]["stringData"]
+    return str(secret[var.lower().replace("_", "-")]) if var.lower().replace("_", "-") in secret else "from-a-secret"
+
+
 def _config_text() -> str:
     return manifests()["configmap.yaml"]["data"]["gateway.toml"]  # type: ignore[no-any-return]
 
@@ -45,12 +51,13 @@ def test_the_config_in_the_configmap_loads(tmp_path: Path, monkeypatch: pytest.M
     provided = {e["name"] for e in _container()["env"]}
     assert referenced <= provided, f"the Deployment does not provide {referenced - provided}"
     for var in referenced:
-        monkeypatch.setenv(var, "from-a-secret")
+        monkeypatch.setenv(var, _secret_value(var))
     path = tmp_path / "gateway.toml"
     path.write_text(_config_text())
     settings = load_settings(path)
     assert settings.server.host == "0.0.0.0" and settings.server.port == 8080
     assert {b.kind for b in settings.backends} == {"tei", "llamacpp", "elastic"}
+    assert settings.auth.enabled and settings.auth.storage.startswith("redis://")
 
 
 def test_a_changed_config_rolls_the_pods() -> None:
@@ -80,7 +87,7 @@ def test_the_container_runs_the_gateway_as_configured(tmp_path: Path) -> None:
 
 def test_shutdown_fits_in_the_termination_grace_period(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for var in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", _config_text()):
-        monkeypatch.setenv(var, "x")
+        monkeypatch.setenv(var, _secret_value(var))
     path = tmp_path / "gateway.toml"
     path.write_text(_config_text())
     grace = load_settings(path).server.shutdown_grace_s

@@ -14,11 +14,13 @@ import random
 import time
 from typing import Any
 
+from litestar.datastructures import State
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.api import errors
-from gateway.api.direct import EmbeddingRoutes
-from gateway.errors import ShuttingDown
+from gateway.api.direct import EmbeddingRoutes, respond_error
+from gateway.auth.guard import CALLER
+from gateway.errors import GatewayError, ShuttingDown
 from gateway.logs import REQUEST_ID
 from gateway.metrics import Metrics
 
@@ -31,6 +33,8 @@ _KNOWN_ROUTES = {
     "/v1/models",
     "/v1/backends",
     "/v1/consistency",
+    "/v1/usage",
+    "/v1/reload",
     "/health",
     "/ready",
     "/metrics",
@@ -38,10 +42,11 @@ _KNOWN_ROUTES = {
 
 
 class RequestContext:
-    def __init__(self, app: ASGIApp, metrics: Metrics, direct: EmbeddingRoutes | None = None) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, direct: EmbeddingRoutes, state: State) -> None:
         self.app = app
         self.metrics = metrics
         self.direct = direct  # the embedding routes, served without Litestar
+        self._state = state  # state.runtime: the current runtime (a reload swaps it)
 
     def __getattr__(self, name: str) -> Any:  # expose the wrapped app's attributes (state, routes...)
         return getattr(self.app, name)
@@ -62,6 +67,7 @@ class RequestContext:
         route = scope["path"] if scope["path"] in _KNOWN_ROUTES else "other"
         started = time.perf_counter()
         status = 0
+        caller = None
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -73,7 +79,16 @@ class RequestContext:
             await send(message)
 
         try:
-            if self.direct is not None and self.direct.wants(scope):
+            guard = self._state.runtime.guard
+            if guard.enabled:
+                method = str(scope.get("method", ""))
+                try:
+                    caller = guard.check(method, scope["path"], scope["headers"], scope["query_string"])
+                except GatewayError as exc:  # 401 / 403 in the route's dialect, before any route code
+                    await respond_error(send_with_id, method, scope["path"], exc)
+                    return
+                CALLER.set(caller)
+            if self.direct.wants(scope):
                 await self.direct(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
@@ -91,3 +106,5 @@ class RequestContext:
             await send_with_id({"type": "http.response.body", "body": body, "more_body": False})
         finally:
             self.metrics.request_done(route, status or 500, time.perf_counter() - started)
+            if caller is not None:
+                self.metrics.key_request(caller.name, status or 500)

@@ -19,6 +19,7 @@ from litestar.types import Receive, Scope, Send
 
 from gateway.api import errors
 from gateway.api.inputs import request_timeout
+from gateway.auth.guard import CALLER
 from gateway.errors import ClientDisconnected, PayloadTooLarge
 from gateway.pipeline import EmbedRequest
 from gateway.runtime import Runtime
@@ -93,7 +94,7 @@ class EmbeddingRoutes:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("method") != "POST":
             problem = errors.Problem(405, "this route takes POST", "method_not_allowed", headers={"Allow": "POST"})
-            await _respond(send, 405, errors.render(scope["path"], problem), [(b"allow", b"POST")])
+            await respond(send, 405, errors.render(scope["path"], problem), [(b"allow", b"POST")])
             return
         runtime: Runtime = self._state.runtime  # this request stays on it, even if a reload swaps it
         parse, render = self.routes[scope["path"]]
@@ -102,12 +103,9 @@ class EmbeddingRoutes:
             try:
                 result, body, headers = await self._embed(scope, receive, runtime, parse, render)
             except Exception as exc:  # CancelledError is not one: shutdown is answered by RequestContext
-                problem = errors.classify(exc)
-                errors.log_problem("POST", scope["path"], problem, exc)
-                extra = [(k.lower().encode(), v.encode()) for k, v in (problem.headers or {}).items()]
-                await _respond(send, problem.status, errors.render(scope["path"], problem), extra)
+                await respond_error(send, "POST", scope["path"], exc)
                 return
-            await _respond(send, 200, body, headers)
+            await respond(send, 200, body, headers)
             if result.after is not None:  # shadows: after the client has its answer
                 with contextlib.suppress(Exception):
                     await result.after()
@@ -129,14 +127,29 @@ class EmbeddingRoutes:
         with budget.body(size):
             req = parse(await read_body(receive, limit), runtime)
             timeout = request_timeout(_header(scope, b"x-request-timeout"))
+            caller = CALLER.get()
+            quota: dict[str, str] = {}
+            if caller is not None:
+                runtime.guard.allow_model(caller, req.model, req.model in runtime.profiles)
+                quota = await runtime.quotas.admit(caller, len(req.texts))
             with budget.work(len(req.texts)):
                 result = await until_disconnect(receive, runtime.service.embed(req, timeout))
             body = render(result, req)
-        headers = [(k.encode(), v.encode()) for k, v in runtime.result_headers(result).items()]
+        if caller is not None:
+            runtime.metrics.key_served(caller.name, req.model, len(req.texts), result.prompt_tokens)
+        headers = [(k.encode(), v.encode()) for k, v in (runtime.result_headers(result) | quota).items()]
         return result, body, headers
 
 
-async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+async def respond_error(send: Send, method: str, path: str, exc: Exception) -> None:
+    """An error in the dialect of the route, logged once (rate-limited), with its headers."""
+    problem = errors.classify(exc)
+    errors.log_problem(method, path, problem, exc)
+    extra = [(k.lower().encode(), v.encode()) for k, v in (problem.headers or {}).items()]
+    await respond(send, problem.status, errors.render(path, problem), extra)
+
+
+async def respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
     start: Any = {
         "type": "http.response.start",
         "status": status,

@@ -17,12 +17,14 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
 from backends.errors import BackendError, InputRejected
-from gateway.errors import GatewayError, NoBackendAvailable
+from gateway.errors import GatewayError, NoBackendAvailable, RateLimited, Unauthenticated
 
 log = logging.getLogger(__name__)
 
 _OPENAI_TYPES = {
     400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "invalid_request_error",
     429: "rate_limit_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
@@ -34,6 +36,8 @@ _OPENAI_TYPES = {
 }
 _TEI_TYPES = {
     400: "Validation",
+    401: "Unauthorized",
+    403: "Unauthorized",
     404: "Validation",
     405: "Validation",
     413: "Validation",
@@ -57,6 +61,10 @@ class Problem:
 def classify(exc: Exception) -> Problem:
     if isinstance(exc, NoBackendAvailable):
         return Problem(503, exc.message, exc.code, headers={"Retry-After": str(max(1, math.ceil(exc.retry_after)))})
+    if isinstance(exc, RateLimited):
+        return Problem(429, exc.message, exc.code, headers=exc.headers)
+    if isinstance(exc, Unauthenticated):  # RFC 6750: say which scheme to use
+        return Problem(401, exc.message, exc.code, headers={"WWW-Authenticate": 'Bearer realm="embedding-gateway"'})
     if isinstance(exc, GatewayError):
         return Problem(exc.status_code, exc.message, exc.code, exc.param)
     if isinstance(exc, InputRejected):

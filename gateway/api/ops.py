@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any
 
-from litestar import Request, Response, get
+from litestar import Request, Response, get, post
 from litestar.params import FromPath
 
+from gateway.auth.guard import CALLER
+from gateway.auth.usage import usage_view
+from gateway.errors import InvalidRequest
+from gateway.reload import Reloader
 from gateway.runtime import Runtime
 from gateway.views import backends_view
 
@@ -67,15 +72,39 @@ def _model_entry(rt: Runtime, name: str) -> dict[str, Any]:
 
 @get("/v1/models")
 async def models(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """The models the caller may use (all, when auth is off or the view is open and no key was sent)."""
     rt = _runtime(request)
-    return {"object": "list", "data": [_model_entry(rt, name) for name in rt.profiles]}
+    caller = CALLER.get()
+    names = [n for n in rt.profiles if caller is None or caller.may_use(n)]
+    return {"object": "list", "data": [_model_entry(rt, name) for name in names]}
 
 
 @get("/v1/models/{model_id:str}")
 async def model(request: Request[Any, Any, Any], model_id: FromPath[str]) -> dict[str, Any]:
     rt = _runtime(request)
+    rt.guard.allow_model(CALLER.get(), model_id, model_id in rt.profiles)
     rt.service.profile(model_id)  # 404 in the client's dialect when unknown
     return _model_entry(rt, model_id)
+
+
+@get("/v1/usage")
+async def usage(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """Per key usage (admin; auth on)."""
+    return await usage_view(_runtime(request))
+
+
+@post("/v1/reload", status_code=200)
+async def reload(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
+    """Reload the configuration file (admin; as SIGHUP does)."""
+    rt = _runtime(request)
+    if rt.plane is not None:  # a worker: the control plane reloads and then replaces the workers
+        os.kill(os.getppid(), signal.SIGHUP)
+        return Response({"status": "reloading"}, status_code=202)
+    reloader: Reloader = request.app.state.reloader
+    if not await reloader.reload():
+        why = reloader.last_error or "no configuration file to reload (serve was started without --config)"
+        raise InvalidRequest(f"reload refused, the running configuration stays: {why}")
+    return Response({"status": "reloaded"}, status_code=200)
 
 
 @get("/v1/backends")

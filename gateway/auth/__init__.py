@@ -1,0 +1,1 @@
+"""Caller keys, per-key model access, quotas and usage (`[auth]`)."""

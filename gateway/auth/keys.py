@@ -1,0 +1,65 @@
+"""Caller keys: made once by `embedding-gateway keys new`, configured by their SHA-256 only, presented as
+`Authorization: Bearer <key>` (or `api-key: <key>`), and never written anywhere by the gateway.
+
+A key is looked up by its digest and then compared in constant time; the lookup reveals nothing about
+the key itself (finding a key from its digest is what SHA-256 makes infeasible).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Iterable
+
+from config.auth import KeyConfig
+from gateway.errors import Unauthenticated
+
+PREFIX = "egk_"  # recognisable in secret scanners and in a user's clipboard
+MAX_KEY_CHARS = 256
+_URL_KEY_PARAMS = (b"api_key=", b"api-key=", b"apikey=", b"key=", b"access_token=", b"token=")
+
+
+def new_key() -> str:
+    """A fresh key: the prefix and 192 random bits."""
+    return PREFIX + secrets.token_urlsafe(24)
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyRing:
+    def __init__(self, keys: Iterable[KeyConfig]) -> None:
+        self._by_digest = {k.hash: k for k in keys}
+
+    def authenticate(self, headers: Iterable[tuple[bytes, bytes]], query: bytes) -> KeyConfig:
+        """The caller's key entry, or Unauthenticated with a message the caller can act on."""
+        if any(p in query.lower() for p in _URL_KEY_PARAMS):
+            raise Unauthenticated(
+                "API keys are not accepted in the URL (URLs end up in logs and proxies); "
+                "send `Authorization: Bearer <key>`"
+            )
+        token = None
+        for name, value in headers:
+            if name == b"authorization":
+                scheme, _, rest = value.partition(b" ")
+                if scheme.lower() != b"bearer" or not rest.strip():
+                    raise Unauthenticated("malformed Authorization header: send `Authorization: Bearer <key>`")
+                token = rest.strip()
+                break
+            if name == b"api-key":
+                token = value.strip()
+        if token is None:
+            raise Unauthenticated("this gateway needs an API key: send `Authorization: Bearer <key>`")
+        if len(token) > MAX_KEY_CHARS or not _printable(token):
+            raise Unauthenticated("invalid API key")
+        presented = hashlib.sha256(token).hexdigest()
+        found = self._by_digest.get(presented)
+        if found is None or not hmac.compare_digest(found.hash, presented):
+            raise Unauthenticated("invalid API key")
+        return found
+
+
+def _printable(token: bytes) -> bool:
+    return all(33 <= b < 127 for b in token)
