@@ -13,6 +13,7 @@ other, each atomically, so neither can ever be over-admitted).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -154,6 +155,11 @@ class Quotas:
         if limiter is self._remote and self._outage is not None:
             log.info("quota storage reachable again: limits are shared again")
             self._outage = None
+        if requests is not None and text_item is not None:  # both at once: one round trip of latency
+            r, t = await asyncio.gather(
+                self._window(limiter, requests, key, "requests"), self._window(limiter, text_item, key, "texts")
+            )
+            return headers(r, t)
         return headers(
             await self._window(limiter, requests, key, "requests") if requests else None,
             await self._window(limiter, text_item, key, "texts") if text_item else None,
