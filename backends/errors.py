@@ -65,3 +65,14 @@ class InputRejected(BackendError):
 
     retryable = False
     kind = "input_rejected"
+
+
+class InputTooLong(InputRejected):
+    """The input has more tokens than the backend takes. Told apart because clients act on it:
+    Elasticsearch truncates and retries on 413, or on a 400 with OpenAI's "reduce your prompt" words."""
+
+
+def too_long_message(message: str) -> bool:
+    """A backend's validation message that says the input is too long (TEI, vLLM, OpenAI wordings)."""
+    m = message.lower()
+    return any(w in m for w in ("too long", "too large", "maximum context length", "must have less than", "tokens"))

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from backends.base import BackendInfo, Health
-from backends.errors import BackendError, BackendMisconfigured, BackendUnavailable, InputRejected
+from backends.errors import BackendError, BackendMisconfigured, BackendUnavailable, InputTooLong
 from backends.http import error_message, transport_errors
 from backends.openai import OpenAICompatAdapter
 from config.backends import LlamaCppBackend
@@ -68,7 +68,7 @@ class LlamaCppAdapter(OpenAICompatAdapter):
             return BackendUnavailable(self.name, f"unavailable (503): {message}", status=status)
         if status == 500 and "too large to process" in message:
             # The input does not fit one physical batch: the input's fault, not the server's.
-            return InputRejected(self.name, f"input too long for this backend: {message}", status=status)
+            return InputTooLong(self.name, f"input too long for this backend: {message}", status=status)
         if status == 501:
             return BackendMisconfigured(self.name, f"{message}; start llama-server with --embeddings", status=status)
         return super()._error(resp)

@@ -23,7 +23,9 @@ from backends.errors import (
     BackendUnavailable,
     BadBackendOutput,
     InputRejected,
+    InputTooLong,
     PayloadTooLarge,
+    too_long_message,
 )
 from backends.http import (
     JsonPoster,
@@ -161,5 +163,5 @@ class OpenAICompatAdapter:
         if status == 413:
             return PayloadTooLarge(self.name, f"request too large ({status}): {message}", status=status)
         if status in (400, 422):
-            return InputRejected(self.name, message, status=status)
+            return (InputTooLong if too_long_message(message) else InputRejected)(self.name, message, status=status)
         return BackendUnavailable(self.name, f"HTTP {status}: {message}", status=status)

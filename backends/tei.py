@@ -26,7 +26,9 @@ from backends.errors import (
     BackendUnavailable,
     BadBackendOutput,
     InputRejected,
+    InputTooLong,
     PayloadTooLarge,
+    too_long_message,
 )
 from backends.http import (
     JsonPoster,
@@ -143,7 +145,8 @@ class TeiAdapter:
             self._info = None  # limits changed under us: learn them again
             return PayloadTooLarge(self.name, message, status=status)
         if status in (400, 413, 422):  # 413 before TEI 1.9, 422 since (TEI #818)
-            return InputRejected(self.name, message, status=status)
+            too_long = too_long_message(message)
+            return (InputTooLong if too_long else InputRejected)(self.name, message, status=status)
         if status == 429:
             retry = retry_after_seconds(resp.headers.get("retry-after"))
             return BackendOverloaded(self.name, f"overloaded: {message}", retry_after=retry)

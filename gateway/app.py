@@ -37,6 +37,7 @@ def create_app(
             ops.backends,
             ops.metrics,
             ops.usage,
+            ops.info,
             ops.reload,
             consistency.last_reports,
             consistency.check_now,
@@ -48,7 +49,7 @@ def create_app(
         openapi_config=None,
         logging_config=None,  # the CLI configures logging once for the whole process
     )
-    direct = EmbeddingRoutes(
-        state, {"/v1/embeddings": (openai.parse, openai.render), "/embed": (tei.parse, tei.render)}
-    )
+    tei_route = (tei.parse, tei.render)  # TEI serves embeddings on /embed, / and SageMaker's /invocations
+    routes = {"/v1/embeddings": (openai.parse, openai.render), "/embed": tei_route, "/": tei_route}
+    direct = EmbeddingRoutes(state, {**routes, "/invocations": tei_route})
     return RequestContext(app, runtime.metrics, direct, state)

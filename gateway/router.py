@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from backends.errors import BackendError, BackendUnavailable, InputRejected, PayloadTooLarge
+from backends.errors import BackendError, BackendUnavailable, InputRejected, InputTooLong, PayloadTooLarge
 from gateway.calls import BackendCalls
 from gateway.errors import DeadlineExceeded, NoBackendAvailable
 from gateway.metrics import Metrics
@@ -177,7 +177,7 @@ class Router:
                     return part
         except PayloadTooLarge as exc:
             if len(texts) == 1:
-                raise InputRejected(exc.backend, f"input too large for the backend: {exc.message}") from exc
+                raise InputTooLong(exc.backend, f"input too large for the backend: {exc.message}") from exc
             half = len(texts) // 2
             a = await self._subbatch(model, members, texts[:half], prompt, deadline)
             b = await self._subbatch(model, members, texts[half:], prompt, deadline)

@@ -30,6 +30,9 @@ _HEADER = b"x-request-id"
 _KNOWN_ROUTES = {
     "/v1/embeddings",
     "/embed",
+    "/",
+    "/invocations",
+    "/info",
     "/v1/models",
     "/v1/backends",
     "/v1/consistency",

@@ -146,7 +146,7 @@ async def respond_error(send: Send, method: str, path: str, exc: Exception) -> N
     problem = errors.classify(exc)
     errors.log_problem(method, path, problem, exc)
     extra = [(k.lower().encode(), v.encode()) for k, v in (problem.headers or {}).items()]
-    await respond(send, problem.status, errors.render(path, problem), extra)
+    await respond(send, errors.dialect_status(path, problem), errors.render(path, problem), extra)
 
 
 async def respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:

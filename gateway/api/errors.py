@@ -16,7 +16,7 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
-from backends.errors import BackendError, InputRejected
+from backends.errors import BackendError, InputRejected, InputTooLong
 from gateway.errors import GatewayError, NoBackendAvailable, RateLimited, Unauthenticated
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,11 @@ _TEI_TYPES = {
 }
 
 
+_REDUCE = "Please reduce your prompt; or completion length."
+# TEI's routes (and its SageMaker and root aliases) answer in TEI's error shape.
+TEI_PATHS = frozenset({"/", "/embed", "/invocations", "/info"})
+
+
 @dataclass(frozen=True, slots=True)
 class Problem:
     status: int
@@ -67,6 +72,15 @@ def classify(exc: Exception) -> Problem:
         return Problem(401, exc.message, exc.code, headers={"WWW-Authenticate": 'Bearer realm="embedding-gateway"'})
     if isinstance(exc, GatewayError):
         return Problem(exc.status_code, exc.message, exc.code, exc.param)
+    if isinstance(exc, InputTooLong):
+        # OpenAI's words, which Elasticsearch's `openai` service looks for before it truncates and retries;
+        # TEI routes answer 413 instead (see `dialect_status`), which its `hugging_face` service retries on.
+        return Problem(
+            400,
+            f"{_REDUCE} The input is longer than this model's backends accept: {exc.message}",
+            "input_too_long",
+            "input",
+        )
     if isinstance(exc, InputRejected):
         return Problem(400, f"the backend rejected the input: {exc.message}", "input_rejected", "input")
     if isinstance(exc, BackendError):  # the router normally wraps these; be safe anyway
@@ -126,9 +140,17 @@ def log_problem(method: str, path: str, problem: Problem, exc: Exception) -> Non
         log.info("%s", line)
 
 
+def dialect_status(path: str, problem: Problem) -> int:
+    """The status in the route's dialect: TEI answers a too-long input with 413 (TEI before 1.9 did,
+    and Elasticsearch's `hugging_face` service truncates and retries only on 413)."""
+    if problem.code == "input_too_long" and path in TEI_PATHS:
+        return 413
+    return problem.status
+
+
 def render(path: str, problem: Problem) -> bytes:
-    """The error body in the dialect of the route: TEI's on /embed, OpenAI's elsewhere."""
-    if path.startswith("/embed"):
+    """The error body in the dialect of the route: TEI's on its routes, OpenAI's elsewhere."""
+    if path in TEI_PATHS:
         error_type = "Empty" if "empty" in problem.message else _TEI_TYPES.get(problem.status, "Validation")
         body: Any = {"error": problem.message, "error_type": error_type}
     else:
@@ -148,7 +170,7 @@ def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     log_problem(request.method, request.url.path, problem, exc)
     return Response(
         render(request.url.path, problem),
-        status_code=problem.status,
+        status_code=dialect_status(request.url.path, problem),
         media_type="application/json",
         headers=problem.headers,
     )

@@ -87,6 +87,33 @@ async def model(request: Request[Any, Any, Any], model_id: FromPath[str]) -> dic
     return _model_entry(rt, model_id)
 
 
+@get("/info")
+async def info(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """TEI's `GET /info` for the default model (or `?model=`): what TEI clients - and another gateway using
+    this one as a `kind = "tei"` backend - read to learn the limits."""
+    rt = _runtime(request)
+    name = request.query_params.get("model") or rt.default_model
+    rt.guard.allow_model(CALLER.get(), name, name in rt.profiles)
+    p = rt.service.profile(name)
+    max_inputs = rt.settings.server.max_inputs
+    return {
+        "model_id": name,
+        "model_sha": None,
+        "model_dtype": "float32",
+        "model_type": {"embedding": {"pooling": {"last": "last_token"}.get(p.pooling, p.pooling)}},
+        "max_concurrent_requests": 512,
+        "max_input_length": p.max_input_tokens,
+        "max_batch_tokens": max_inputs * p.max_input_tokens,
+        "max_batch_requests": None,
+        "max_client_batch_size": max_inputs,
+        "auto_truncate": False,  # the gateway never truncates: every backend gets the whole input
+        "tokenization_workers": 1,
+        "version": "embedding-gateway",
+        "served_model_name": name,
+        "space_id": rt.consistency.space_id(name) if rt.consistency else None,
+    }
+
+
 @get("/v1/usage")
 async def usage(request: Request[Any, Any, Any]) -> dict[str, Any]:
     """Per key usage (admin; auth on)."""

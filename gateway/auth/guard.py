@@ -19,7 +19,7 @@ from gateway.metrics import Metrics
 # The caller of the request being handled (None: auth off, or an open route).
 CALLER: ContextVar[KeyConfig | None] = ContextVar("caller", default=None)
 
-EMBEDDING_ROUTES = frozenset({"/v1/embeddings", "/embed"})
+EMBEDDING_ROUTES = frozenset({"/v1/embeddings", "/embed", "/", "/invocations"})
 ADMIN_ROUTES = frozenset({("POST", "/v1/consistency"), ("POST", "/v1/reload"), ("GET", "/v1/usage")})
 
 
@@ -45,7 +45,7 @@ class Guard:
             return Access.ADMIN
         if path == "/metrics":
             return Access.KEY if self.settings.protect_metrics else Access.OPEN
-        if path.startswith("/v1/"):
+        if path.startswith("/v1/") or path == "/info":
             return Access.KEY if self.settings.protect_views else Access.OPEN
         return Access.OPEN
 
