@@ -30,6 +30,9 @@ class ServerSettings(BaseModel):
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0, description="larger request bodies get 413")
     max_inputs: int = Field(2048, gt=0, description="most texts in one client request")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text (for people) or json (one object per line, with an access line per request)"
+    )
     default_model: str | None = Field(None, description="model for /embed requests that name none; default the first")
     shutdown_grace_s: float = Field(10.0, ge=0, description="how long in-flight requests may finish on SIGTERM")
     max_inflight_bytes: int = Field(

@@ -21,9 +21,10 @@ def _load(path: str | None) -> GatewaySettings:
     return load_settings(path or os.environ.get("EMBEDDING_GATEWAY_CONFIG"))
 
 
-def configure_logging(level: str, tag: str = "") -> None:
-    """`tag`: which process of `serve --workers N` logs (the control plane, a worker)."""
-    from gateway.logs import RequestIdFilter
+def configure_logging(level: str, tag: str = "", fmt: str = "text") -> None:
+    """`tag`: which process of `serve --workers N` logs (the control plane, a worker). `fmt`: `text`
+    (for people) or `json` (one object per line, plus an access line per request)."""
+    from gateway.logs import JsonFormatter, RequestIdFilter
 
     prefix = f"{tag} " if tag else ""
     logging.basicConfig(
@@ -33,6 +34,8 @@ def configure_logging(level: str, tag: str = "") -> None:
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(RequestIdFilter())  # `-` outside a request
+        if fmt == "json":
+            handler.setFormatter(JsonFormatter(tag))
     # One line per backend call from httpx would drown the log; our own messages say what matters.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("gguf").setLevel(logging.WARNING)
@@ -52,9 +55,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Before anything imports prometheus_client: the parent sets up multiprocess metrics.
         from gateway.workers import serve_workers
 
-        configure_logging(settings.server.log_level, tag="control")
+        configure_logging(settings.server.log_level, tag="control", fmt=settings.server.log_format)
         return serve_workers(settings, Path(path) if path else None, workers)
-    configure_logging(settings.server.log_level)
+    configure_logging(settings.server.log_level, fmt=settings.server.log_format)
     import uvicorn
 
     from gateway.app import create_app

@@ -118,6 +118,8 @@ def uvicorn_config(app: Any, server: ServerSettings, **overrides: Any) -> uvicor
         "timeout_keep_alive": server.keepalive_timeout_s,
         "lifespan": "on",
         "http": protocol_for(server, fd_limit),
+        # JSON logs: uvicorn's own lines go through our (JSON) root handler instead of its own format.
+        **({"log_config": None} if server.log_format == "json" else {}),
         **overrides,
     }
     return uvicorn.Config(app, **options)

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from gateway.server import uvicorn_config
 
     settings = load_settings(args.config)
-    configure_logging(settings.server.log_level, tag=f"worker {args.id}")
+    configure_logging(settings.server.log_level, tag=f"worker {args.id}", fmt=settings.server.log_format)
     plane = PlaneClient(Path(args.control), args.id)
     app = create_app(settings, None, plane=plane, worker_id=args.id)
     server = uvicorn.Server(uvicorn_config(app, settings.server))

@@ -21,7 +21,7 @@ from gateway.api import errors
 from gateway.api.direct import EmbeddingRoutes, respond_error
 from gateway.auth.guard import CALLER
 from gateway.errors import GatewayError, ShuttingDown
-from gateway.logs import REQUEST_ID
+from gateway.logs import ACCESS, REQUEST_ID, REQUEST_INFO
 from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ class RequestContext:
         self.metrics = metrics
         self.direct = direct  # the embedding routes, served without Litestar
         self._state = state  # state.runtime: the current runtime (a reload swaps it)
+        # JSON logs get an access line per request; people reading text logs get metrics instead.
+        self._access = state.runtime.settings.server.log_format == "json"
 
     def __getattr__(self, name: str) -> Any:  # expose the wrapped app's attributes (state, routes...)
         return getattr(self.app, name)
@@ -64,6 +66,7 @@ class RequestContext:
             request_id = b"%032x" % random.getrandbits(128)
             scope["headers"] = [*scope["headers"], (_HEADER, request_id)]
         REQUEST_ID.set(request_id.decode("latin-1"))
+        REQUEST_INFO.set(None)
         head = scope.get("method") == "HEAD"
         if head:  # HEAD is GET without a body (load balancers probe /health and /ready this way)
             scope = {**scope, "method": "GET"}  # type: ignore[assignment]
@@ -108,6 +111,12 @@ class RequestContext:
             await send_with_id(start)
             await send_with_id({"type": "http.response.body", "body": body, "more_body": False})
         finally:
-            self.metrics.request_done(route, status or 500, time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self.metrics.request_done(route, status or 500, elapsed)
             if caller is not None:
                 self.metrics.key_request(caller.name, status or 500)
+            if self._access:
+                info = REQUEST_INFO.get() or {}
+                extra = {"route": scope["path"], "method": scope.get("method"), "status": status or 500}
+                extra |= {"latency_ms": round(elapsed * 1000, 3), "key": caller.name if caller else None, **info}
+                ACCESS.info("%s %s %s", scope.get("method"), scope["path"], status or 500, extra=extra)

@@ -21,6 +21,7 @@ from gateway.api import errors
 from gateway.api.inputs import request_timeout
 from gateway.auth.guard import CALLER
 from gateway.errors import ClientDisconnected, PayloadTooLarge
+from gateway.logs import REQUEST_INFO
 from gateway.pipeline import EmbedRequest
 from gateway.runtime import Runtime
 from gateway.service import EmbedResult
@@ -126,6 +127,8 @@ class EmbeddingRoutes:
         budget = runtime.budget
         with budget.body(size):
             req = parse(await read_body(receive, limit), runtime)
+            info: dict[str, Any] = {"model": req.model, "texts": len(req.texts)}  # for the access line
+            REQUEST_INFO.set(info)
             timeout = request_timeout(_header(scope, b"x-request-timeout"))
             caller = CALLER.get()
             quota: dict[str, str] = {}
@@ -137,6 +140,7 @@ class EmbeddingRoutes:
             body = render(result, req)
         if caller is not None:
             runtime.metrics.key_served(caller.name, req.model, len(req.texts), result.prompt_tokens)
+        info["backends"] = list(result.backends)
         headers = [(k.encode(), v.encode()) for k, v in (runtime.result_headers(result) | quota).items()]
         return result, body, headers
 
