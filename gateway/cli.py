@@ -145,10 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the reports as JSON")
     check.add_argument("--wait", type=float, default=15.0, help="seconds to wait for backends to come up")
     check.set_defaults(func=cmd_check)
-    from gateway import keys_cli, space_cli
+    from gateway import bulk, keys_cli, space_cli
 
     space_cli.add_parser(sub)
     keys_cli.add_parser(sub)
+    bulk.add_parser(sub)
     return parser
 
 
