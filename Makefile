@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean redis-server
+.PHONY: install run test lint bench clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,17 +17,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The quota tests run a real Redis (Debian's redis-server); install it when missing (CI runs as root).
-redis-server:
-	@command -v redis-server >/dev/null || { \
+# Real components the tests run: Redis (quotas) and promtool (alert rules), from Debian, installed when
+# missing (CI runs as root; elsewhere sudo is used).
+SYSTEM_TOOLS := redis-server:redis-server promtool:prometheus
+system-deps:
+	@for pair in $(SYSTEM_TOOLS); do \
+	  tool=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$tool >/dev/null && continue; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get install -y -qq redis-server >/dev/null 2>&1 || \
-	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server; }; }
+	  $$SUDO apt-get install -y -qq --no-install-recommends $$pkg >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends $$pkg; }; \
+	done
 
 run: install
 	$(VENV)/bin/embedding-gateway serve --config config/default.toml
 
-test: install redis-server
+test: install system-deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
