@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Real components the tests run: Redis (quotas) and promtool (alert rules), from Debian, installed when
+# Real components the tests run: Redis (quotas), promtool (alert rules) and a headless chromium (the
+# dashboard), from Debian, installed when
 # missing (CI runs as root; elsewhere sudo is used).
-SYSTEM_TOOLS := redis-server:redis-server promtool:prometheus
+SYSTEM_TOOLS := redis-server:redis-server promtool:prometheus chromium:chromium
 system-deps:
 	@for pair in $(SYSTEM_TOOLS); do \
 	  tool=$${pair%%:*}; pkg=$${pair##*:}; \

@@ -38,6 +38,7 @@ def create_app(
             ops.metrics,
             ops.usage,
             ops.info,
+            ops.dashboard,
             ops.reload,
             consistency.last_reports,
             consistency.check_now,

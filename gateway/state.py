@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from backends.base import Backend, BackendInfo
@@ -11,6 +12,7 @@ from gateway.resilience.admission import Admission
 from gateway.resilience.breaker import CircuitBreaker
 
 _EWMA_ALPHA = 0.3
+_RECENT = 256  # client calls whose latency the p50/p99 in /v1/backends are taken over
 # Calls at once at a backend that states no limit and has none configured.
 DEFAULT_CONCURRENCY = 16
 
@@ -36,6 +38,7 @@ class BackendState:
     agreement_detail: str | None = None
     admission: Admission = field(default_factory=lambda: Admission(DEFAULT_CONCURRENCY))
     workers: int = 1  # processes sharing the backend (serve --workers N): each admits its share
+    recent_ms: deque[float] = field(default_factory=lambda: deque(maxlen=_RECENT), repr=False)  # client calls
     _logged_error: str | None = field(default=None, repr=False)
 
     def should_log(self, message: str) -> bool:
@@ -78,6 +81,14 @@ class BackendState:
         limits = [x for x in (configured, learned) if x]
         return min(limits) if limits else None
 
+    def recent_percentiles(self) -> tuple[float | None, float | None]:
+        """p50 and p99 of the last calls' latency (ms), for the views: computed when asked, not per call."""
+        if not self.recent_ms:
+            return None, None
+        ordered = sorted(self.recent_ms)
+        last = len(ordered) - 1
+        return round(ordered[last // 2], 3), round(ordered[min(last, round(last * 0.99))], 3)
+
     def observe_latency(self, seconds: float) -> None:
         ms = seconds * 1000
         self.last_latency_ms = round(ms, 3)
@@ -88,6 +99,7 @@ class BackendState:
         self.requests += 1
         self.last_success_at = time.monotonic()
         self.observe_latency(latency_s)
+        self.recent_ms.append(latency_s * 1000)
         if self.healthy is None:
             self.healthy = True
         self._logged_error = None

@@ -28,6 +28,8 @@ def worker_figures(rt: Runtime) -> dict[str, dict[str, Any]]:
             "last_success_at": st.last_success_at,
             "last_latency_ms": st.last_latency_ms,
             "latency_ewma_ms": st.latency_ewma_ms,
+            "latency_p50_ms": st.recent_percentiles()[0],
+            "latency_p99_ms": st.recent_percentiles()[1],
         }
         for st in rt.states
     }
@@ -62,6 +64,8 @@ def backends_view(rt: Runtime, workers: list[dict[str, Any]] | None = None, coun
             "last_check_at": st.last_check_at,
             "last_latency_ms": st.last_latency_ms,
             "latency_ewma_ms": st.latency_ewma_ms,
+            "latency_p50_ms": st.recent_percentiles()[0],
+            "latency_p99_ms": st.recent_percentiles()[1],
             "in_flight": st.in_flight,
             "queued": st.admission.queued,
             "concurrency_limit": st.admission.limit,
@@ -98,6 +102,9 @@ def _merge_workers(entry: dict[str, Any], name: str, workers: list[dict[str, Any
     latencies = [f["latency_ewma_ms"] for f in figures if f["latency_ewma_ms"] is not None]
     if latencies:
         entry["latency_ewma_ms"] = round(sum(latencies) / len(latencies), 3)
+    for key in ("latency_p50_ms", "latency_p99_ms"):  # the slowest worker's: a conservative figure
+        values = [f[key] for f in figures if f.get(key) is not None]
+        entry[key] = max(values) if values else None
 
 
 def consistency_view(rt: Runtime) -> dict[str, Any]:

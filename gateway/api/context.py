@@ -33,6 +33,7 @@ _KNOWN_ROUTES = {
     "/",
     "/invocations",
     "/info",
+    "/dashboard",
     "/v1/models",
     "/v1/backends",
     "/v1/consistency",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 from litestar import Request, Response, get, post
@@ -85,6 +86,15 @@ async def model(request: Request[Any, Any, Any], model_id: FromPath[str]) -> dic
     rt.guard.allow_model(CALLER.get(), model_id, model_id in rt.profiles)
     rt.service.profile(model_id)  # 404 in the client's dialect when unknown
     return _model_entry(rt, model_id)
+
+
+_DASHBOARD = (Path(__file__).parent / "dashboard.html").read_bytes()
+
+
+@get("/dashboard", media_type="text/html; charset=utf-8")
+async def dashboard() -> bytes:
+    """One self-refreshing page over /v1/models, /v1/backends and /v1/consistency: no CDN, no build step."""
+    return _DASHBOARD
 
 
 @get("/info")

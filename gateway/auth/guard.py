@@ -45,7 +45,7 @@ class Guard:
             return Access.ADMIN
         if path == "/metrics":
             return Access.KEY if self.settings.protect_metrics else Access.OPEN
-        if path.startswith("/v1/") or path == "/info":
+        if path.startswith("/v1/") or path in ("/info", "/dashboard"):
             return Access.KEY if self.settings.protect_views else Access.OPEN
         return Access.OPEN
 
