@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from litestar import Request, get, post
 from litestar.params import QueryParameter
 
+from gateway.api.schema import errors_of
 from gateway.errors import ModelNotFound
 from gateway.runtime import Runtime
 from gateway.views import check_view, consistency_view
@@ -17,7 +18,7 @@ def _runtime(request: Request[Any, Any, Any]) -> Runtime:
     return rt
 
 
-@get("/v1/consistency")
+@get("/v1/consistency", responses=errors_of(503))
 async def last_reports(request: Request[Any, Any, Any]) -> dict[str, Any]:
     rt = _runtime(request)
     body = await rt.plane.request({"op": "reports"}) if rt.plane is not None else consistency_view(rt)
@@ -26,7 +27,7 @@ async def last_reports(request: Request[Any, Any, Any]) -> dict[str, Any]:
     return body
 
 
-@post("/v1/consistency", status_code=200)
+@post("/v1/consistency", status_code=200, responses=errors_of(400, 403, 404, 503))
 async def check_now(
     request: Request[Any, Any, Any], model: Annotated[str | None, QueryParameter(name="model")] = None
 ) -> dict[str, Any]:

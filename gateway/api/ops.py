@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from litestar import Request, Response, get, post
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath
 
+from gateway.api.schema import Readiness, errors_of
 from gateway.auth.guard import CALLER
 from gateway.auth.usage import usage_view
 from gateway.errors import InvalidRequest
@@ -23,13 +25,13 @@ def _runtime(request: Request[Any, Any, Any]) -> Runtime:
     return rt
 
 
-@get("/health")
+@get("/health", responses=errors_of())
 async def health(request: Request[Any, Any, Any]) -> dict[str, Any]:
     """Liveness; names the worker process that answered (`serve --workers N`)."""
     return {"status": "ok", "worker": _runtime(request).worker_id, "pid": os.getpid()}
 
 
-@get("/ready")
+@get("/ready", responses={503: ResponseSpec(data_container=Readiness, description="not ready: says why")})
 async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     """200 when every model has a healthy compatible backend *and* its first agreement check has finished:
     from then on every backend that agreed can take over at once if another fails."""
@@ -71,7 +73,7 @@ def _model_entry(rt: Runtime, name: str) -> dict[str, Any]:
     }
 
 
-@get("/v1/models")
+@get("/v1/models", responses=errors_of())
 async def models(request: Request[Any, Any, Any]) -> dict[str, Any]:
     """The models the caller may use (all, when auth is off or the view is open and no key was sent)."""
     rt = _runtime(request)
@@ -80,7 +82,7 @@ async def models(request: Request[Any, Any, Any]) -> dict[str, Any]:
     return {"object": "list", "data": [_model_entry(rt, name) for name in names]}
 
 
-@get("/v1/models/{model_id:str}")
+@get("/v1/models/{model_id:str}", responses=errors_of(400, 404))
 async def model(request: Request[Any, Any, Any], model_id: FromPath[str]) -> dict[str, Any]:
     rt = _runtime(request)
     rt.guard.allow_model(CALLER.get(), model_id, model_id in rt.profiles)
@@ -91,13 +93,13 @@ async def model(request: Request[Any, Any, Any], model_id: FromPath[str]) -> dic
 _DASHBOARD = (Path(__file__).parent / "dashboard.html").read_bytes()
 
 
-@get("/dashboard", media_type="text/html; charset=utf-8")
+@get("/dashboard", media_type="text/html; charset=utf-8", responses=errors_of())
 async def dashboard() -> bytes:
     """One self-refreshing page over /v1/models, /v1/backends and /v1/consistency: no CDN, no build step."""
     return _DASHBOARD
 
 
-@get("/info")
+@get("/info", responses=errors_of(404, tei=True))
 async def info(request: Request[Any, Any, Any]) -> dict[str, Any]:
     """TEI's `GET /info` for the default model (or `?model=`): what TEI clients - and another gateway using
     this one as a `kind = "tei"` backend - read to learn the limits."""
@@ -124,13 +126,17 @@ async def info(request: Request[Any, Any, Any]) -> dict[str, Any]:
     }
 
 
-@get("/v1/usage")
+@get("/v1/usage", responses=errors_of(403, 503))
 async def usage(request: Request[Any, Any, Any]) -> dict[str, Any]:
     """Per key usage (admin; auth on)."""
     return await usage_view(_runtime(request))
 
 
-@post("/v1/reload", status_code=200)
+@post(
+    "/v1/reload",
+    status_code=200,
+    responses={202: ResponseSpec(None, description="--workers N: reloading"), **errors_of(400, 403)},
+)
 async def reload(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     """Reload the configuration file (admin; as SIGHUP does)."""
     rt = _runtime(request)
@@ -144,7 +150,7 @@ async def reload(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     return Response({"status": "reloaded"}, status_code=200)
 
 
-@get("/v1/backends")
+@get("/v1/backends", responses=errors_of(503))
 async def backends(request: Request[Any, Any, Any]) -> dict[str, Any]:
     rt = _runtime(request)
     if rt.plane is not None:  # a worker: the control plane holds the shared view
@@ -152,7 +158,7 @@ async def backends(request: Request[Any, Any, Any]) -> dict[str, Any]:
     return backends_view(rt)
 
 
-@get("/metrics", media_type="text/plain; version=0.0.4")
+@get("/metrics", media_type="text/plain; version=0.0.4", responses=errors_of())
 async def metrics(request: Request[Any, Any, Any]) -> bytes:
     rt = _runtime(request)
     rt.refresh_gauges()
