@@ -35,8 +35,9 @@ def test_schemathesis_finds_no_server_errors_or_schema_violations(tmp_path: Path
     cli = Path(sys.executable).parent / "schemathesis"
     with cli_gateway(settings_for([llamacpp_backend("llama", primary.url)], max_inputs=64)) as gw:
         options = ["--checks", CHECKS, "--max-examples", "60", "--exclude-path", "/v1/consistency"]
+        options += ["--seed", "20261128", "--request-timeout", "60"]
         r = subprocess.run(
-            [str(cli), "run", f"{gw.url}/schema/openapi.json", *options, "--seed", "20261128", "--request-timeout", "60"],
+            [str(cli), "run", f"{gw.url}/schema/openapi.json", *options],
             capture_output=True,
             text=True,
             timeout=600,
