@@ -16,6 +16,7 @@ from pydantic_settings import (
 )
 
 from config.auth import AuthSettings
+from config.cache import CacheSettings
 from config.backends import BackendConfig
 from config.profiles import BUILTIN_PROFILES, ModelProfile, Pooling
 
@@ -156,6 +157,7 @@ class GatewaySettings(BaseSettings):
     resilience: ResilienceSettings = ResilienceSettings()
     consistency: ConsistencySettings = ConsistencySettings()
     auth: AuthSettings = AuthSettings()
+    cache: CacheSettings = CacheSettings()
     models: list[ModelConfig] = Field(min_length=1)
     backends: list[BackendConfig] = Field(min_length=1)
 

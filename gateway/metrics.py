@@ -193,6 +193,26 @@ class Metrics:
             "Calls to the shared quota storage that failed (the fallback applied).",
             registry=self.registry,
         )
+        self.cache_hits = Counter(
+            "embedding_gateway_cache_hits_total", "Texts served from the cache.", ["model"], registry=self.registry
+        )
+        self.cache_misses = Counter(
+            "embedding_gateway_cache_misses_total", "Texts the cache did not hold.", ["model"], registry=self.registry
+        )
+        self.cache_evictions = Counter(
+            "embedding_gateway_cache_evictions_total", "Entries the in-process LRU evicted.", registry=self.registry
+        )
+        self.cache_bytes = Gauge(
+            "embedding_gateway_cache_bytes",
+            "Bytes the in-process LRU holds.",
+            multiprocess_mode="livesum",
+            registry=self.registry,
+        )
+        self.cache_storage_errors = Counter(
+            "embedding_gateway_cache_storage_errors_total",
+            "Calls to the cache's shared tier (Redis) that failed (the local tier served alone).",
+            registry=self.registry,
+        )
         self._spaces: dict[str, str] = {}
         # Labelled children looked up once: `labels()` validates and locks on every call (hot path).
         self._children: dict[tuple[str, ...], Any] = {}

@@ -28,6 +28,7 @@ class EmbedRequest:
     prompt_name: str | None = None
     dimensions: int | None = None
     encoding: Encoding = "float"
+    cache: str = "use"  # use | refresh (cache-control: no-cache) | off (no-store)
 
 
 @dataclass(frozen=True, slots=True)

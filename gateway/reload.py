@@ -106,6 +106,8 @@ class Reloader:
                 settings.server = old.settings.server
             new = Runtime(settings, metrics=old.metrics, plane=old.plane, worker_id=old.worker_id)
             new.quotas.inherit(old.quotas)
+            if settings.cache == old.settings.cache:
+                new.cache = old.cache  # a reload keeps what is cached (the space id in each key guards it)
             new.start(adopt=old.supervisors)
             started = time.monotonic()
             while not new.ready() and time.monotonic() - started < _TAKEOVER_LIMIT_S:
@@ -134,4 +136,6 @@ class Reloader:
         while old.active and time.monotonic() < end:
             await asyncio.sleep(0.05)
         handed_over = {name for name, sup in new.supervisors.items() if old.supervisors.get(name) is sup}
-        await old.stop(keep=handed_over)  # a managed server whose settings changed was replaced: stop it
+        await old.stop(
+            keep=handed_over, keep_cache=new.cache is old.cache
+        )  # a managed server whose settings changed was replaced: stop it

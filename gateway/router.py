@@ -90,6 +90,10 @@ class Router:
         self._rescue = rescue
         self._explain = explain  # why a model has no compatible backend, when there is more to say
 
+    @property
+    def metrics(self) -> Metrics:
+        return self._metrics
+
     def members(self, model: str) -> list[BackendState]:
         """The model's compatible set: the only backends that may produce its vectors."""
         return self._members(model, self._by_model.get(model, []))

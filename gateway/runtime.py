@@ -18,6 +18,7 @@ from config.settings import GatewaySettings
 from gateway.api.budget import WorkBudget
 from gateway.auth.guard import Guard
 from gateway.auth.quotas import Quotas
+from gateway.cache.store import EmbeddingCache
 from gateway.calls import BackendCalls
 from gateway.consistency.service import ConsistencyService
 from gateway.health import HealthMonitor
@@ -58,6 +59,7 @@ class Runtime:
         self.budget = WorkBudget(settings.server.max_inflight_bytes, settings.server.max_inflight_texts)
         self.guard = Guard(settings.auth, self.metrics)
         self.quotas = Quotas(settings.auth, self.metrics, workers=lambda: self.workers)
+        self.cache = EmbeddingCache(settings.cache, self.metrics)
         self.supervisors: dict[str, Supervisor] = {}
         self.started_at = int(time.time())
         self.active = 0  # embedding requests in flight on this runtime (a reload drains them)
@@ -132,6 +134,7 @@ class Runtime:
             calls=calls,
             spaces={m.name: m._space for m in self.settings.models if m._space is not None},
             metrics=self.metrics,
+            on_verdicts=lambda: self.cache.sync(self.states),
         )
         router = Router(
             self.states,
@@ -146,7 +149,7 @@ class Runtime:
         )
         self.shadows = Shadows(self.states, calls, self.metrics)
         self._service = EmbeddingService(
-            self.profiles, router, space_of=self.consistency.space_id, shadows=self.shadows
+            self.profiles, router, space_of=self.consistency.space_id, shadows=self.shadows, cache=self.cache
         )
         self.health = HealthMonitor(
             self.states,
@@ -190,8 +193,9 @@ class Runtime:
                 return sup.process.gguf
         return None
 
-    async def stop(self, keep: set[str] | None = None) -> None:
-        """Stop everything; `keep`: managed servers handed over to a new runtime (reload)."""
+    async def stop(self, keep: set[str] | None = None, keep_cache: bool = False) -> None:
+        """Stop everything; `keep`: managed servers handed over to a new runtime (reload), and the cache
+        when it was handed over too."""
         if self.shadows is not None:
             await self.shadows.stop()
         if self.consistency is not None:
@@ -203,6 +207,8 @@ class Runtime:
         for name, sup in self.supervisors.items():
             if name not in (keep or set()):
                 await sup.stop()
+        if not keep_cache:
+            await self.cache.close()
 
     def refresh_gauges(self) -> None:
         """Gauges derived from live state (open -> half-open happens by the clock): read them now."""
@@ -215,7 +221,9 @@ class Runtime:
             m.backend_concurrency.labels(name).set(st.admission.limit)
 
     def result_headers(self, result: EmbedResult) -> dict[str, str]:
-        headers = {"x-embedding-backend": ",".join(result.backends)}
+        headers = {"x-embedding-backend": ",".join(result.backends) or "cache"}
+        if result.cache is not None:
+            headers["x-embedding-cache"] = result.cache
         if result.space_id is not None:
             headers["x-embedding-space"] = result.space_id
         return headers

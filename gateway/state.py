@@ -36,6 +36,7 @@ class BackendState:
     last_check_error_kind: str | None = None  # why the last failing health check failed (error class kind)
     agreement: Verdict = Verdict.PENDING  # the agreement checker's verdict against the reference
     agreement_detail: str | None = None
+    last_pass_at: float | None = None  # time.time() of its last passing agreement check (the cache trusts it)
     admission: Admission = field(default_factory=lambda: Admission(DEFAULT_CONCURRENCY))
     workers: int = 1  # processes sharing the backend (serve --workers N): each admits its share
     recent_ms: deque[float] = field(default_factory=lambda: deque(maxlen=_RECENT), repr=False)  # client calls

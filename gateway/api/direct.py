@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -127,6 +128,11 @@ class EmbeddingRoutes:
         budget = runtime.budget
         with budget.body(size):
             req = parse(await read_body(receive, limit), runtime)
+            control = (_header(scope, b"cache-control") or "").lower()
+            if "no-store" in control:  # neither read nor write the cache
+                req = dataclasses.replace(req, cache="off")
+            elif "no-cache" in control:  # fresh vectors (which then refresh the cache)
+                req = dataclasses.replace(req, cache="refresh")
             info: dict[str, Any] = {"model": req.model, "texts": len(req.texts)}  # for the access line
             REQUEST_INFO.set(info)
             timeout = request_timeout(_header(scope, b"x-request-timeout"))

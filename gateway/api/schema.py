@@ -13,6 +13,7 @@ import msgspec
 from litestar import post
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import OpenAPI, Schema
+from litestar.params import JSONBody
 
 # -- request bodies ------------------------------------------------------------------------------
 Text = Annotated[str, msgspec.Meta(min_length=1, description="a text with something visible in it")]
@@ -145,14 +146,14 @@ def _not_here() -> None:
     responses=_errors(OpenAIError, EMBED_ERRORS),
     response_headers=None,
 )
-async def openai_embeddings(data: OpenAIEmbeddingRequest) -> OpenAIEmbeddingResponse:
+async def openai_embeddings(data: JSONBody[OpenAIEmbeddingRequest]) -> OpenAIEmbeddingResponse:
     _not_here()
     raise AssertionError
 
 
 def _tei(path: str, summary: str):  # type: ignore[no-untyped-def]
     @post(path, status_code=200, summary=summary, responses=_errors(TEIError, EMBED_ERRORS), name=f"tei{path}")
-    async def handler(data: TEIEmbedRequest) -> list[list[float]]:
+    async def handler(data: JSONBody[TEIEmbedRequest]) -> list[list[float]]:
         _not_here()
         raise AssertionError
 

@@ -48,8 +48,10 @@ class ConsistencyService:
         calls: BackendCalls | None = None,
         spaces: dict[str, Space] | None = None,
         metrics: Metrics | None = None,
+        on_verdicts: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
+        self._on_verdicts = on_verdicts  # e.g. the cache drops what a quarantined backend produced
         self.profiles = profiles
         self.references = references
         self._gguf_for = gguf_for
@@ -350,6 +352,8 @@ class ConsistencyService:
                 st.agreement_detail = res.error
                 continue
             st.agreement = res.verdict
+            if res.verdict.compatible:
+                st.last_pass_at = report.checked_at
             finding = findings.get(st.backend.name)
             st.agreement_detail = finding.message if finding else None
             if res.verdict is Verdict.DISAGREE and before is not Verdict.DISAGREE:
@@ -366,3 +370,4 @@ class ConsistencyService:
                     model,
                     res.min_cosine,
                 )
+        self._on_verdicts()

@@ -31,6 +31,7 @@ def build(rt: Runtime, workers: int) -> Snapshot:
             "healthy": st.healthy,
             "agreement": str(st.agreement),
             "agreement_detail": st.agreement_detail,
+            "last_pass_at": st.last_pass_at,
             "check_error": st.last_check_error_kind,
             "last_error": st.last_error,
             "info": dataclasses.asdict(st.info) if st.info is not None else None,
@@ -59,6 +60,7 @@ def apply(snapshot: Snapshot, rt: Runtime) -> None:
         st.healthy = b["healthy"]
         st.agreement = Verdict(b["agreement"])
         st.agreement_detail = b["agreement_detail"]
+        st.last_pass_at = b["last_pass_at"]
         st.last_check_error_kind = b["check_error"]
         if b["last_error"] != st.last_error:
             st.last_error = b["last_error"]
@@ -66,3 +68,4 @@ def apply(snapshot: Snapshot, rt: Runtime) -> None:
         if info != st.info or st.workers != workers:
             st.workers = workers
             st.learn(info)
+    rt.cache.sync(rt.states)  # entries a now-quarantined backend made since its last pass go
