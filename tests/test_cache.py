@@ -140,7 +140,10 @@ def test_another_space_never_hits_and_a_quarantined_backend_s_entries_go() -> No
 
 
 def test_a_shadow_s_vectors_never_enter(primary: LlamaCppProcess, fallback: LlamaCppProcess) -> None:
-    backends = [llamacpp_backend("live", primary.url), llamacpp_backend("shade", fallback.url, shadow=True, shadow_sample=1.0)]
+    backends = [
+        llamacpp_backend("live", primary.url),
+        llamacpp_backend("shade", fallback.url, shadow=True, shadow_sample=1.0),
+    ]
     with run_gateway(settings_for(backends)) as gw:
         post(gw.url, ["shadowed text"])
         wait_until(lambda: gw.runtime.shadows.stats["shade"].samples >= 1, timeout=10)
