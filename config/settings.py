@@ -16,8 +16,8 @@ from pydantic_settings import (
 )
 
 from config.auth import AuthSettings
-from config.cache import CacheSettings
 from config.backends import BackendConfig
+from config.cache import CacheSettings
 from config.profiles import BUILTIN_PROFILES, ModelProfile, Pooling
 
 ENV_PREFIX = "EMBEDDING_GATEWAY_"
