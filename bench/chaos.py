@@ -118,6 +118,8 @@ def gateway_config(port: int, primary_url: str, spare_url: str, primary_kind: st
 [server]
 port = {port}
 log_level = "warning"
+[cache]
+enabled = false  # measure the path to the backends, not the cache (bench/cache.py does that)
 [[models]]
 name = "minilm"
 profile = "all-minilm-l6-v2"

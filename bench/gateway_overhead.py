@@ -188,6 +188,8 @@ GATEWAY_CONFIG = """
 [server]
 port = {port}
 log_level = "warning"
+[cache]
+enabled = false  # measure the path to the backends, not the cache (bench/cache.py does that)
 [[models]]
 name = "bench"
 profile = "jina-embeddings-v5-text-small-text-matching"

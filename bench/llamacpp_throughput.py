@@ -89,6 +89,8 @@ def main() -> int:
 [server]
 port = {port}
 log_level = "warning"
+[cache]
+enabled = false  # measure the path to the backends, not the cache (bench/cache.py does that)
 [[models]]
 name = "minilm"
 profile = "all-minilm-l6-v2"

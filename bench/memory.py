@@ -88,6 +88,8 @@ port = {port}
 log_level = "warning"
 max_body_bytes = 4194304
 {server}
+[cache]
+enabled = false  # measure the path to the backends, not the cache (bench/cache.py does that)
 [[models]]
 name = "minilm"
 profile = "all-minilm-l6-v2"

@@ -41,6 +41,8 @@ port = {port}
 log_level = "warning"
 [consistency]
 interval_s = 3600
+[cache]
+enabled = false  # measure the path to the backends, not the cache (bench/cache.py does that)
 [[models]]
 name = "minilm"
 profile = "all-minilm-l6-v2"

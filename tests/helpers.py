@@ -68,7 +68,7 @@ def run_asgi(
 @contextmanager
 def run_gateway(settings: GatewaySettings | dict[str, Any], *, wait_ready: bool = True) -> Iterator[RunningGateway]:
     if isinstance(settings, dict):
-        settings = GatewaySettings.model_validate(settings)
+        settings = GatewaySettings.model_validate(without_cache(settings))
         load_spaces_of(settings, None)  # pinned space files, as load_settings() would
     app = create_app(settings)
     config = uvicorn_config(app, settings.server, host="127.0.0.1", log_level="warning")
@@ -108,6 +108,12 @@ def settings_for(
         "models": models,
         "backends": backends,
     }
+
+
+def without_cache(settings: dict[str, Any]) -> dict[str, Any]:
+    """The embedding cache off unless a test asks for it: routing, failover and agreement tests repeat
+    texts and must reach the backends (tests/test_cache.py turns it on)."""
+    return settings if "cache" in settings else {**settings, "cache": {"enabled": False}}
 
 
 def direct_embeddings(url: str, texts: list[str]) -> np.ndarray:
@@ -210,7 +216,9 @@ def cli_gateway(
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDDING_GATEWAY_")}
     config = ["--config", str(settings)] if isinstance(settings, Path) else []
-    for key, value in {} if isinstance(settings, Path) else settings.items():
+    if isinstance(settings, Path):
+        env.setdefault("EMBEDDING_GATEWAY_CACHE__ENABLED", "false")  # see without_cache()
+    for key, value in {} if isinstance(settings, Path) else without_cache(settings).items():
         env[f"EMBEDDING_GATEWAY_{key.upper()}"] = json.dumps(value)
     env.update(extra_env or {})
 

@@ -33,6 +33,10 @@ PROMPTED = {
 }
 
 
+def with_cache(settings: dict[str, Any], **cache: Any) -> dict[str, Any]:
+    return {**settings, "cache": {"enabled": True, **cache}}
+
+
 def post(url: str, texts: Any, headers: dict[str, str] | None = None, **body: Any) -> httpx.Response:
     r = httpx.post(f"{url}/v1/embeddings", json={"model": "minilm", "input": texts, **body}, headers=headers or {})
     assert r.status_code == 200, r.text
@@ -60,7 +64,7 @@ def texts_sent(server: TeiServer) -> list[str]:
 
 def test_hit_partial_miss_only_misses_reach_the_backend(tei_factory: TeiFactory) -> None:
     url, tei = tei_factory()
-    with run_gateway(settings_for([{"name": "tei", "kind": "tei", "model": "minilm", "url": url}])) as gw:
+    with run_gateway(with_cache(settings_for([{"name": "tei", "kind": "tei", "model": "minilm", "url": url}]))) as gw:
         first = post(gw.url, ["alpha", "beta"])
         assert first.headers["x-embedding-cache"] == "miss" and texts_sent(tei) == ["alpha", "beta"]
         mixed = post(gw.url, ["beta", "gamma", "alpha"])
@@ -80,7 +84,7 @@ def test_hit_partial_miss_only_misses_reach_the_backend(tei_factory: TeiFactory)
 
 
 def test_one_entry_serves_every_dimension_and_encoding(primary: LlamaCppProcess) -> None:
-    with run_gateway(settings_for([llamacpp_backend("llama", primary.url)], [MRL])) as gw:
+    with run_gateway(with_cache(settings_for([llamacpp_backend("llama", primary.url)], [MRL]))) as gw:
         assert post(gw.url, "one entry").headers["x-embedding-cache"] == "miss"
         for dims in (32, 64, 128, 384):
             for encoding in ("float", "base64"):
@@ -97,7 +101,7 @@ def test_one_entry_serves_every_dimension_and_encoding(primary: LlamaCppProcess)
 
 
 def test_query_and_document_prompts_never_collide(primary: LlamaCppProcess) -> None:
-    with run_gateway(settings_for([llamacpp_backend("llama", primary.url)], [PROMPTED])) as gw:
+    with run_gateway(with_cache(settings_for([llamacpp_backend("llama", primary.url)], [PROMPTED]))) as gw:
         query = post(gw.url, "same words", prompt_name="query")
         document = post(gw.url, "same words", prompt_name="document")
         assert query.headers["x-embedding-cache"] == document.headers["x-embedding-cache"] == "miss"
@@ -144,7 +148,7 @@ def test_a_shadow_s_vectors_never_enter(primary: LlamaCppProcess, fallback: Llam
         llamacpp_backend("live", primary.url),
         llamacpp_backend("shade", fallback.url, shadow=True, shadow_sample=1.0),
     ]
-    with run_gateway(settings_for(backends)) as gw:
+    with run_gateway(with_cache(settings_for(backends))) as gw:
         post(gw.url, ["shadowed text"])
         wait_until(lambda: gw.runtime.shadows.stats["shade"].samples >= 1, timeout=10)
         made = gw.runtime.cache._made_by
@@ -155,8 +159,9 @@ def test_two_gateways_share_hits_through_redis_and_survive_its_death(
     tei_factory: TeiFactory, redis_server: RedisServer
 ) -> None:
     url, tei = tei_factory()
-    settings = settings_for([{"name": "tei", "kind": "tei", "model": "minilm", "url": url}])
-    settings["cache"] = {"url": redis_server.url}
+    settings = with_cache(
+        settings_for([{"name": "tei", "kind": "tei", "model": "minilm", "url": url}]), url=redis_server.url
+    )
     with cli_gateway(settings) as a, cli_gateway(settings) as b:
         assert post(a.url, ["shared"]).headers["x-embedding-cache"] == "miss"
         before = len(texts_sent(tei))
