@@ -117,6 +117,7 @@ class Quotas:
             except StorageError as exc:
                 self._storage_failed(exc)
         if self.shared and self.settings.on_storage_error == "reject":
+            self._metrics.key_rejection(key.name, "storage_unavailable")
             raise QuotaStorageUnavailable(
                 "the shared quota store is unreachable and auth.on_storage_error = reject; retry shortly",
                 retry_after=_RETRY_SHARED_S,
@@ -140,6 +141,7 @@ class Quotas:
         requests = self._item(key.rpm, share)
         text_item = self._item(key.texts_per_minute, share)
         if text_item is not None and texts > text_item.amount:
+            self._metrics.key_rejection(key.name, "request_too_large")
             raise RateLimited(
                 f"this request has {texts} texts, more than key {key.name!r} may send in a window "
                 f"({text_item.amount} texts per {self.settings.window_s}s): split it",
