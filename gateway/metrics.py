@@ -261,17 +261,16 @@ class Metrics:
     def fallback(self, model: str) -> None:
         self.fallbacks.labels(model).inc()
 
+    def _source(self) -> CollectorRegistry:
+        """This process's registry; under `serve --workers N`, every process's values added up."""
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return self.registry
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return registry
+
     def collect(self) -> Any:
-        """The metric families, every process's added up under `serve --workers N`."""
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            registry = CollectorRegistry()
-            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-            return registry.collect()
-        return self.registry.collect()
+        return self._source().collect()
 
     def render(self) -> bytes:
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # every process's values, added up
-            registry = CollectorRegistry()
-            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-            return generate_latest(registry)
-        return generate_latest(self.registry)
+        return generate_latest(self._source())

@@ -24,12 +24,6 @@ from gateway.router import Router
 from gateway.shadow import Shadows
 
 
-def unit_rows(m: np.ndarray) -> np.ndarray:
-    v: np.ndarray = m.astype(np.float64)
-    v /= np.linalg.norm(v, axis=1, keepdims=True)
-    return v
-
-
 @dataclass(frozen=True, slots=True)
 class EmbedResult:
     vectors: np.ndarray  # (n, dimensions) float32

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.runtime import Runtime
+from gateway.state import BackendState
 
 # Per-backend figures each worker counts for its own traffic; the shared view adds them up.
 WORKER_COUNTS = ("in_flight", "queued", "concurrency_limit", "requests", "failures", "circuit_trips")
@@ -16,22 +17,24 @@ WORKER_COUNTS = ("in_flight", "queued", "concurrency_limit", "requests", "failur
 
 def worker_figures(rt: Runtime) -> dict[str, dict[str, Any]]:
     """This process's own traffic figures per backend (what a worker reports to the control plane)."""
+    return {st.backend.name: _figures(st) for st in rt.states}
+
+
+def _figures(st: BackendState) -> dict[str, Any]:
+    p50, p99 = st.recent_percentiles()
     return {
-        st.backend.name: {
-            "in_flight": st.in_flight,
-            "queued": st.admission.queued,
-            "concurrency_limit": st.admission.limit,
-            "requests": st.requests,
-            "failures": st.failures,
-            "circuit_trips": st.breaker.trips,
-            "circuit": str(st.breaker.state),
-            "last_success_at": st.last_success_at,
-            "last_latency_ms": st.last_latency_ms,
-            "latency_ewma_ms": st.latency_ewma_ms,
-            "latency_p50_ms": st.recent_percentiles()[0],
-            "latency_p99_ms": st.recent_percentiles()[1],
-        }
-        for st in rt.states
+        "in_flight": st.in_flight,
+        "queued": st.admission.queued,
+        "concurrency_limit": st.admission.limit,
+        "requests": st.requests,
+        "failures": st.failures,
+        "circuit_trips": st.breaker.trips,
+        "circuit": str(st.breaker.state),
+        "last_success_at": st.last_success_at,
+        "last_latency_ms": st.last_latency_ms,
+        "latency_ewma_ms": st.latency_ewma_ms,
+        "latency_p50_ms": p50,
+        "latency_p99_ms": p99,
     }
 
 
@@ -44,6 +47,7 @@ def backends_view(rt: Runtime, workers: list[dict[str, Any]] | None = None, coun
         sup = rt.supervisors.get(b.name)
         report = rt.consistency.reports.get(b.model) if rt.consistency else None
         judged = report.result(b.name) if report else None
+        p50, p99 = st.recent_percentiles()
         entry: dict[str, Any] = {
             "name": b.name,
             "kind": b.kind,
@@ -64,8 +68,8 @@ def backends_view(rt: Runtime, workers: list[dict[str, Any]] | None = None, coun
             "last_check_at": st.last_check_at,
             "last_latency_ms": st.last_latency_ms,
             "latency_ewma_ms": st.latency_ewma_ms,
-            "latency_p50_ms": st.recent_percentiles()[0],
-            "latency_p99_ms": st.recent_percentiles()[1],
+            "latency_p50_ms": p50,
+            "latency_p99_ms": p99,
             "in_flight": st.in_flight,
             "queued": st.admission.queued,
             "concurrency_limit": st.admission.limit,

@@ -133,8 +133,9 @@ class EmbeddingRoutes:
                 req = dataclasses.replace(req, cache="off")
             elif "no-cache" in control:  # fresh vectors (which then refresh the cache)
                 req = dataclasses.replace(req, cache="refresh")
-            info: dict[str, Any] = {"model": req.model, "texts": len(req.texts)}  # for the access line
-            REQUEST_INFO.set(info)
+            info: dict[str, Any] = {"model": req.model, "texts": len(req.texts)}
+            if runtime.settings.server.log_format == "json":  # only the JSON access line reads it
+                REQUEST_INFO.set(info)
             timeout = request_timeout(_header(scope, b"x-request-timeout"))
             caller = CALLER.get()
             quota: dict[str, str] = {}

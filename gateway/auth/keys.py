@@ -11,13 +11,14 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Iterable
+from urllib.parse import parse_qsl
 
 from config.auth import KeyConfig
 from gateway.errors import Unauthenticated
 
 PREFIX = "egk_"  # recognisable in secret scanners and in a user's clipboard
 MAX_KEY_CHARS = 256
-_URL_KEY_PARAMS = (b"api_key=", b"api-key=", b"apikey=", b"key=", b"access_token=", b"token=")
+_URL_KEY_PARAMS = frozenset({"api_key", "api-key", "apikey", "key", "access_token", "token"})
 
 
 def new_key() -> str:
@@ -35,7 +36,7 @@ class KeyRing:
 
     def authenticate(self, headers: Iterable[tuple[bytes, bytes]], query: bytes) -> KeyConfig:
         """The caller's key entry, or Unauthenticated with a message the caller can act on."""
-        if any(p in query.lower() for p in _URL_KEY_PARAMS):
+        if query and _URL_KEY_PARAMS & {name.lower() for name, _ in parse_qsl(query.decode("latin-1"), True)}:
             raise Unauthenticated(
                 "API keys are not accepted in the URL (URLs end up in logs and proxies); "
                 "send `Authorization: Bearer <key>`"

@@ -62,8 +62,7 @@ def apply(snapshot: Snapshot, rt: Runtime) -> None:
         st.agreement_detail = b["agreement_detail"]
         st.last_pass_at = b["last_pass_at"]
         st.last_check_error_kind = b["check_error"]
-        if b["last_error"] != st.last_error:
-            st.last_error = b["last_error"]
+        st.last_error = b["last_error"]
         info = BackendInfo(**b["info"]) if b["info"] is not None else None
         if info != st.info or st.workers != workers:
             st.workers = workers
