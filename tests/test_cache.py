@@ -176,3 +176,36 @@ def test_two_gateways_share_hits_through_redis_and_survive_its_death(
             r"^embedding_gateway_cache_storage_errors_total (\S+)$", httpx.get(f"{b.url}/metrics").text, re.M
         )
         assert errors is not None and float(errors.group(1)) >= 1
+
+
+def test_a_backend_found_to_disagree_loses_what_it_cached_since_its_last_pass(
+    primary: LlamaCppProcess,
+    llama_factory: Callable[..., LlamaCppProcess],
+    variants: dict[str, Any],
+    tei_factory: TeiFactory,
+) -> None:
+    odd = llama_factory("cache-perturbed", gguf=variants["perturbed"])
+    url, tei = tei_factory()  # a TEI in front of the real llama.cpp: it can be swapped underneath
+    backends = [
+        {"name": "tei", "kind": "tei", "model": "minilm", "url": url, "priority": 0},
+        llamacpp_backend("ref", primary.url, priority=1),
+    ]
+    models = [{"name": "minilm", "profile": "all-minilm-l6-v2", "reference": "ref"}]
+    settings = with_cache(settings_for(backends, models))
+    settings["consistency"] = {"interval_s": 3600}  # the next check is the one this test asks for
+    with run_gateway(settings) as gw:
+        first = post(gw.url, ["served by tei"])
+        assert first.headers["x-embedding-backend"] == "tei" and first.headers["x-embedding-cache"] == "miss"
+        assert post(gw.url, ["served by tei"]).headers["x-embedding-cache"] == "hit"
+        tei.upstream, tei._client = odd.url, None  # the same URL now answers with other weights
+
+        def swapped() -> bool:
+            direct = np.asarray(httpx.post(f"{url}/embed", json={"inputs": "served by tei"}).json(), dtype=np.float32)
+            return float(direct[0] @ vectors(first)[0]) < 0.99
+
+        wait_until(swapped, timeout=10)
+        httpx.post(f"{gw.url}/v1/consistency", timeout=60)
+        assert httpx.get(f"{gw.url}/v1/backends").json()["data"][0]["agreement"] == "disagree"
+        after = post(gw.url, ["served by tei"])
+        assert after.headers["x-embedding-cache"] == "miss" and after.headers["x-embedding-backend"] == "ref"
+        assert float(vectors(after)[0] @ vectors(first)[0]) > 0.9999  # tei agreed then: the same vector
