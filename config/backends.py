@@ -35,9 +35,20 @@ class _Backend(BaseModel):
 
 
 class _HttpBackend(_Backend):
-    url: AnyHttpUrl | None = Field(None, description="base URL of the backend")
+    url: AnyHttpUrl | None = Field(
+        None, description="base URL of the backend; user:password@ in it is sent as HTTP Basic auth"
+    )
     verify_tls: bool = Field(True, description="verify the server's TLS certificate")
     ca_cert: Path | None = Field(None, description="CA bundle for a private TLS certificate")
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> _HttpBackend:
+        if self.url is not None and self.url.username is not None and self.api_key is not None:
+            raise ValueError(
+                "`url` carries user:password (HTTP Basic auth) and `api_key` is set too (Bearer): a backend takes "
+                "one credential; remove one of them"
+            )
+        return self
 
 
 class ManagedLlamaCpp(BaseModel):
@@ -124,9 +135,12 @@ class ElasticBackend(_Backend):
     def _where_and_auth(self) -> ElasticBackend:
         if (self.url is None) == (self.cloud_id is None):
             raise ValueError("give exactly one of `url` or `cloud_id`")
-        auths = [self.api_key is not None, self.bearer_token is not None, self.username is not None]
+        in_url = self.url is not None and self.url.username is not None
+        auths = [self.api_key is not None, self.bearer_token is not None, self.username is not None, in_url]
         if sum(auths) > 1:
-            raise ValueError("give at most one of `api_key`, `bearer_token`, `username`/`password`")
+            raise ValueError(
+                "give at most one of `api_key`, `bearer_token`, `username`/`password`, user:password in `url`"
+            )
         if (self.username is None) != (self.password is None):
             raise ValueError("`username` and `password` go together")
         return self

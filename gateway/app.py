@@ -11,9 +11,10 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, YamlRenderPlugin
 
 from config.settings import GatewaySettings
-from gateway.api import consistency, errors, openai, ops, schema, tei
+from gateway.api import errors, schema
 from gateway.api.context import RequestContext
 from gateway.api.direct import EmbeddingRoutes
+from gateway.api.routes import TABLE
 from gateway.reload import Reloader
 from gateway.runtime import Runtime
 
@@ -31,21 +32,7 @@ def create_app(
     reloader = Reloader(state, config_path)
     state.reloader = reloader
     app = Litestar(
-        route_handlers=[
-            ops.health,
-            ops.ready,
-            ops.models,
-            ops.model,
-            ops.backends,
-            ops.metrics,
-            ops.usage,
-            ops.info,
-            ops.dashboard,
-            ops.reload,
-            consistency.last_reports,
-            consistency.check_now,
-            *schema.HANDLERS,  # describe the embedding routes in /schema/openapi.json (served by direct)
-        ],
+        route_handlers=TABLE.handlers,  # with the schema-only ones that describe the direct routes in OpenAPI
         exception_handlers={Exception: errors.handle},
         request_max_body_size=settings.server.max_body_bytes,
         lifespan=[plane.lifespan, reloader.lifespan] if plane is not None else [reloader.lifespan],
@@ -61,8 +48,6 @@ def create_app(
         ),
         logging_config=None,  # the CLI configures logging once for the whole process
     )
+    TABLE.check_served(app.routes)
     schema.describe_models(app.openapi_schema, [m.name for m in settings.models])
-    tei_route = (tei.parse, tei.render)  # TEI serves embeddings on /embed, / and SageMaker's /invocations
-    routes = {"/v1/embeddings": (openai.parse, openai.render), "/embed": tei_route, "/": tei_route}
-    direct = EmbeddingRoutes(state, {**routes, "/invocations": tei_route})
-    return RequestContext(app, runtime.metrics, direct, state)
+    return RequestContext(app, runtime.metrics, EmbeddingRoutes(state), state)

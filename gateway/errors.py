@@ -6,6 +6,7 @@ from __future__ import annotations
 class GatewayError(Exception):
     status_code: int = 500
     code: str = "internal_error"
+    headers: dict[str, str] | None = None  # response headers the error needs (Allow, Retry-After...)
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -21,6 +22,29 @@ class InvalidRequest(GatewayError):
 class ModelNotFound(GatewayError):
     status_code = 404
     code = "model_not_found"
+
+
+class RouteNotFound(GatewayError):
+    """A path the route table does not hold: nothing is served there, whatever the key."""
+
+    status_code = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status_code = 405
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allow: str) -> None:
+        super().__init__(message)
+        self.headers = {"Allow": allow}
+
+
+class AmbiguousCredentials(GatewayError):
+    """Two different credentials in one request: refused rather than guessing which one counts."""
+
+    status_code = 400
+    code = "ambiguous_credentials"
 
 
 class PayloadTooLarge(GatewayError):

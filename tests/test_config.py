@@ -176,6 +176,8 @@ def test_env_references_in_strings(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         ),
         ({"kind": "elastic", "url": "http://e"}, "inference_id"),
         ({"kind": "openai"}, "url"),
+        ({"kind": "tei", "url": "http://u:p@t", "api_key": "k"}, "`url` carries user:password"),
+        ({"kind": "elastic", "url": "http://u:p@e", "inference_id": "x", "api_key": "a"}, "user:password in `url`"),
     ],
 )
 def test_backend_kinds_validate(tmp_path: Path, backend: dict[str, str], needle: str) -> None:

@@ -1,6 +1,7 @@
-"""Outermost ASGI layer: x-request-id on every response (errors included), the request id in every log
-line, request metrics, HEAD on every GET route, and a 503 in the client's dialect for a request cut
-off by shutdown.
+"""Outermost ASGI layer: the path normalised once and looked up in the route table (404 for what it does
+not hold), the guard, x-request-id on every response (errors included), the request id in every log line,
+request metrics, HEAD on every GET route, and a 503 in the client's dialect for a request cut off by
+shutdown.
 
 It wraps the Litestar app rather than sitting inside it, so responses produced by exception
 handlers and router-level 404/405s carry the header too.
@@ -19,30 +20,15 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.api import errors
 from gateway.api.direct import EmbeddingRoutes, respond_error
+from gateway.api.routes import TABLE, Route, dialect_for_unknown
 from gateway.auth.guard import CALLER
-from gateway.errors import GatewayError, ShuttingDown
+from gateway.errors import GatewayError, MethodNotAllowed, RouteNotFound, ShuttingDown
 from gateway.logs import ACCESS, REQUEST_ID, REQUEST_INFO
 from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 _HEADER = b"x-request-id"
-_KNOWN_ROUTES = {
-    "/v1/embeddings",
-    "/embed",
-    "/",
-    "/invocations",
-    "/info",
-    "/dashboard",
-    "/v1/models",
-    "/v1/backends",
-    "/v1/consistency",
-    "/v1/usage",
-    "/v1/reload",
-    "/health",
-    "/ready",
-    "/metrics",
-}
 
 
 class RequestContext:
@@ -71,7 +57,13 @@ class RequestContext:
         head = scope.get("method") == "HEAD"
         if head:  # HEAD is GET without a body (load balancers probe /health and /ready this way)
             scope = {**scope, "method": "GET"}  # type: ignore[assignment]
-        route = scope["path"] if scope["path"] in _KNOWN_ROUTES else "other"
+        path = TABLE.normalize(scope["path"])
+        if path != scope["path"]:  # everything after this layer (guard, router, Litestar) sees one spelling
+            scope = {**scope, "path": path, "raw_path": path.encode()}  # type: ignore[assignment]
+        route: Route | None = TABLE.match(path)
+        dialect = route.dialect if route is not None else dialect_for_unknown(path)
+        scope[errors.SCOPE_DIALECT] = dialect  # type: ignore[literal-required]
+        method = str(scope.get("method", ""))
         started = time.perf_counter()
         status = 0
         caller = None
@@ -86,17 +78,24 @@ class RequestContext:
             await send(message)
 
         try:
-            guard = self._state.runtime.guard
-            if guard.enabled:
-                method = str(scope.get("method", ""))
-                try:
-                    caller = guard.check(method, scope["path"], scope["headers"], scope["query_string"])
-                except GatewayError as exc:  # 401 / 403 in the route's dialect, before any route code
-                    await respond_error(send_with_id, method, scope["path"], exc)
-                    return
-                CALLER.set(caller)
-            if self.direct.wants(scope):
-                await self.direct(scope, receive, send_with_id)
+            try:
+                if route is None:
+                    raise RouteNotFound(
+                        f"no route {path}; the embedding routes are {', '.join(TABLE.embedding_paths())}, and "
+                        "GET /schema/openapi.json lists every route"
+                    )
+                guard = self._state.runtime.guard
+                if guard.enabled:  # 401 / 403 before any route code, also for a method the route lacks
+                    caller = guard.check(route.access(method), method, path, scope["headers"], scope["query_string"])
+                    CALLER.set(caller)
+                if method not in route.methods:
+                    allow = ", ".join(sorted({*route.methods, *(["HEAD"] if "GET" in route.methods else [])}))
+                    raise MethodNotAllowed(f"{path} takes {allow}, not {method}", allow=allow)
+            except GatewayError as exc:  # in the route's dialect
+                await respond_error(send_with_id, method, path, dialect, exc)
+                return
+            if route.direct is not None:
+                await self.direct(scope, receive, send_with_id, route.direct, dialect)
             else:
                 await self.app(scope, receive, send_with_id)
         except asyncio.CancelledError:
@@ -108,16 +107,16 @@ class RequestContext:
             headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
             headers += [(k.lower().encode(), v.encode()) for k, v in (problem.headers or {}).items()]
             start: Any = {"type": "http.response.start", "status": problem.status, "headers": headers}
-            body = errors.render(scope["path"], problem)
+            body = errors.render(dialect, problem)
             await send_with_id(start)
             await send_with_id({"type": "http.response.body", "body": body, "more_body": False})
         finally:
             elapsed = time.perf_counter() - started
-            self.metrics.request_done(route, status or 500, elapsed)
+            self.metrics.request_done(route.path if route is not None else "other", status or 500, elapsed)
             if caller is not None:
                 self.metrics.key_request(caller.name, status or 500)
             if self._access:
                 info = REQUEST_INFO.get() or {}
-                extra = {"route": scope["path"], "method": scope.get("method"), "status": status or 500}
+                extra = {"route": path, "method": method, "status": status or 500}
                 extra |= {"latency_ms": round(elapsed * 1000, 3), "key": caller.name if caller else None, **info}
-                ACCESS.info("%s %s %s", scope.get("method"), scope["path"], status or 500, extra=extra)
+                ACCESS.info("%s %s %s", method, path, status or 500, extra=extra)

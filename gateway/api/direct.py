@@ -2,9 +2,10 @@
 
 They are nearly all of the traffic, and profiled under load Litestar's own layers (routing, request
 and response objects, its exception middleware) were about a tenth of the gateway's CPU per request.
-So these two skip it; every other route stays with Litestar. The behaviour is the same: the body
+So these skip it; every other route stays with Litestar. The behaviour is the same: the body
 limit (413), the work budget, the client's deadline, cancellation when the client leaves, errors in
-the client's dialect, shadows after the response; other methods get 405.
+the client's dialect, shadows after the response. The route table (gateway/api/routes.py) says which
+routes come here; the outermost layer has already normalised the path, checked the key and the method.
 """
 
 from __future__ import annotations
@@ -84,28 +85,22 @@ async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
 
 
 class EmbeddingRoutes:
-    """path -> (parse, render) for the dialects; the runtime is read per request (a reload swaps it)."""
+    """Serves one dialect's (parse, render) pair; the runtime is read per request (a reload swaps it)."""
 
-    def __init__(self, state: State, routes: dict[str, tuple[Parse, Render]]) -> None:
+    def __init__(self, state: State) -> None:
         self._state = state
-        self.routes = routes
 
-    def wants(self, scope: Scope) -> bool:
-        return scope["path"] in self.routes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope.get("method") != "POST":
-            problem = errors.Problem(405, "this route takes POST", "method_not_allowed", headers={"Allow": "POST"})
-            await respond(send, 405, errors.render(scope["path"], problem), [(b"allow", b"POST")])
-            return
+    async def __call__(
+        self, scope: Scope, receive: Receive, send: Send, handler: tuple[Parse, Render], dialect: errors.Dialect
+    ) -> None:
         runtime: Runtime = self._state.runtime  # this request stays on it, even if a reload swaps it
-        parse, render = self.routes[scope["path"]]
+        parse, render = handler
         runtime.active += 1
         try:
             try:
                 result, body, headers = await self._embed(scope, receive, runtime, parse, render)
             except Exception as exc:  # CancelledError is not one: shutdown is answered by RequestContext
-                await respond_error(send, "POST", scope["path"], exc)
+                await respond_error(send, "POST", scope["path"], dialect, exc)
                 return
             await respond(send, 200, body, headers)
             if result.after is not None:  # shadows: after the client has its answer
@@ -152,12 +147,12 @@ class EmbeddingRoutes:
         return result, body, headers
 
 
-async def respond_error(send: Send, method: str, path: str, exc: Exception) -> None:
+async def respond_error(send: Send, method: str, path: str, dialect: errors.Dialect, exc: Exception) -> None:
     """An error in the dialect of the route, logged once (rate-limited), with its headers."""
     problem = errors.classify(exc)
     errors.log_problem(method, path, problem, exc)
     extra = [(k.lower().encode(), v.encode()) for k, v in (problem.headers or {}).items()]
-    await respond(send, errors.dialect_status(path, problem), errors.render(path, problem), extra)
+    await respond(send, errors.dialect_status(dialect, problem), errors.render(dialect, problem), extra)
 
 
 async def respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:

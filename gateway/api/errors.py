@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import msgspec
@@ -50,8 +51,17 @@ _TEI_TYPES = {
 
 
 _REDUCE = "Please reduce your prompt; or completion length."
-# TEI's routes (and its SageMaker and root aliases) answer in TEI's error shape.
-TEI_PATHS = frozenset({"/", "/embed", "/invocations", "/info"})
+
+
+class Dialect(Enum):
+    """The error shape of a route (gateway/api/routes.py says which route speaks which)."""
+
+    OPENAI = "openai"
+    TEI = "tei"
+
+
+# The ASGI scope key under which the outermost layer leaves the matched route's dialect for Litestar's handler.
+SCOPE_DIALECT = "gateway.dialect"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +81,7 @@ def classify(exc: Exception) -> Problem:
     if isinstance(exc, Unauthenticated):  # RFC 6750: say which scheme to use
         return Problem(401, exc.message, exc.code, headers={"WWW-Authenticate": 'Bearer realm="embedding-gateway"'})
     if isinstance(exc, GatewayError):
-        return Problem(exc.status_code, exc.message, exc.code, exc.param)
+        return Problem(exc.status_code, exc.message, exc.code, exc.param, exc.headers)
     if isinstance(exc, InputTooLong):
         # OpenAI's words, which Elasticsearch's `openai` service looks for before it truncates and retries;
         # TEI routes answer 413 instead (see `dialect_status`), which its `hugging_face` service retries on.
@@ -140,17 +150,17 @@ def log_problem(method: str, path: str, problem: Problem, exc: Exception) -> Non
         log.info("%s", line)
 
 
-def dialect_status(path: str, problem: Problem) -> int:
+def dialect_status(dialect: Dialect, problem: Problem) -> int:
     """The status in the route's dialect: TEI answers a too-long input with 413 (TEI before 1.9 did,
     and Elasticsearch's `hugging_face` service truncates and retries only on 413)."""
-    if problem.code == "input_too_long" and path in TEI_PATHS:
+    if problem.code == "input_too_long" and dialect is Dialect.TEI:
         return 413
     return problem.status
 
 
-def render(path: str, problem: Problem) -> bytes:
+def render(dialect: Dialect, problem: Problem) -> bytes:
     """The error body in the dialect of the route: TEI's on its routes, OpenAI's elsewhere."""
-    if path in TEI_PATHS:
+    if dialect is Dialect.TEI:
         error_type = "Empty" if "empty" in problem.message else _TEI_TYPES.get(problem.status, "Validation")
         body: Any = {"error": problem.message, "error_type": error_type}
     else:
@@ -168,9 +178,10 @@ def render(path: str, problem: Problem) -> bytes:
 def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     problem = classify(exc)
     log_problem(request.method, request.url.path, problem, exc)
+    dialect: Dialect = request.scope.get(SCOPE_DIALECT, Dialect.OPENAI)  # type: ignore[assignment]
     return Response(
-        render(request.url.path, problem),
-        status_code=dialect_status(request.url.path, problem),
+        render(dialect, problem),
+        status_code=dialect_status(dialect, problem),
         media_type="application/json",
         headers=problem.headers,
     )

@@ -20,10 +20,15 @@ def decode_body(body: bytes, struct: type[msgspec.Struct]) -> Any:
         msg = str(exc)
         param = msg.rsplit("`$.", 1)[1].rstrip("`").split("[")[0] if "`$." in msg else None
         raise InvalidRequest(f"invalid request: {msg}", param=param) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # Which one a bad byte raises depends on msgspec's version: find out ourselves, on the error path only.
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            raise InvalidRequest(
+                f"request body is not valid UTF-8 (byte {bad.start}): send UTF-8 encoded JSON"
+            ) from None
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise InvalidRequest(f"request body is not valid UTF-8 (byte {exc.start}): send UTF-8 encoded JSON") from None
     except RecursionError:
         raise InvalidRequest("request body is nested too deeply; send a flat JSON object") from None
 

@@ -1,9 +1,12 @@
-"""Who may call what: the route policy, run once per request before any route code.
+"""Who may call what, run once per request before any route code. The access class of every route comes
+from the route table (`gateway/api/routes.py`); this module only decides what each class asks of a caller:
 
-- the embedding routes need a valid key (and, once the body is parsed, one that may use the model);
-- admin routes (`POST /v1/consistency`, `POST /v1/reload`, `GET /v1/usage`) need an admin key;
-- `/health`, `/ready` stay open for probes; `/metrics` and the read-only `/v1/*` views are open unless
-  `protect_metrics` / `protect_views` say otherwise.
+- OPEN (`/health`, `/ready`): nothing;
+- KEY (the embedding routes): a valid key (and, once the body is parsed, one that may use the model);
+- ADMIN (`POST /v1/consistency`, `POST /v1/reload`, `GET /v1/usage`): an admin key;
+- VIEW (read-only `/v1/*` views, `/info`, `/dashboard`, `/schema`) and METRICS (`/metrics`): open unless
+  `protect_views` / `protect_metrics` make them KEY.
+A path the table does not hold never gets here: it is a 404.
 """
 
 from __future__ import annotations
@@ -19,14 +22,20 @@ from gateway.metrics import Metrics
 # The caller of the request being handled (None: auth off, or an open route).
 CALLER: ContextVar[KeyConfig | None] = ContextVar("caller", default=None)
 
-EMBEDDING_ROUTES = frozenset({"/v1/embeddings", "/embed", "/", "/invocations"})
-ADMIN_ROUTES = frozenset({("POST", "/v1/consistency"), ("POST", "/v1/reload"), ("GET", "/v1/usage")})
-
 
 class Access(Enum):
     OPEN = "open"
+    VIEW = "view"
+    METRICS = "metrics"
     KEY = "key"
     ADMIN = "admin"
+
+    @property
+    def rank(self) -> int:
+        return _RANK[self]
+
+
+_RANK = {Access.OPEN: 0, Access.VIEW: 1, Access.METRICS: 1, Access.KEY: 2, Access.ADMIN: 3}
 
 
 class Guard:
@@ -36,22 +45,21 @@ class Guard:
         self._ring = KeyRing(settings.keys)
         self._metrics = metrics
 
-    def access(self, method: str, path: str) -> Access:
+    def effective(self, access: Access) -> Access:
+        """What the route's class asks for with this configuration: OPEN, KEY or ADMIN."""
         if not self.enabled:
             return Access.OPEN
-        if path in EMBEDDING_ROUTES:
-            return Access.KEY
-        if (method, path) in ADMIN_ROUTES:
-            return Access.ADMIN
-        if path == "/metrics":
-            return Access.KEY if self.settings.protect_metrics else Access.OPEN
-        if path.startswith("/v1/") or path in ("/info", "/dashboard"):
+        if access is Access.VIEW:
             return Access.KEY if self.settings.protect_views else Access.OPEN
-        return Access.OPEN
+        if access is Access.METRICS:
+            return Access.KEY if self.settings.protect_metrics else Access.OPEN
+        return access
 
-    def check(self, method: str, path: str, headers: list[tuple[bytes, bytes]], query: bytes) -> KeyConfig | None:
+    def check(
+        self, route_access: Access, method: str, path: str, headers: list[tuple[bytes, bytes]], query: bytes
+    ) -> KeyConfig | None:
         """The caller's key for a route that needs one (None for open routes); 401/403 otherwise."""
-        access = self.access(method, path)
+        access = self.effective(route_access)
         if access is Access.OPEN:
             return None
         try:

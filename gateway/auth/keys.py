@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from urllib.parse import parse_qsl
 
 from config.auth import KeyConfig
-from gateway.errors import Unauthenticated
+from gateway.errors import AmbiguousCredentials, Unauthenticated
 
 PREFIX = "egk_"  # recognisable in secret scanners and in a user's clipboard
 MAX_KEY_CHARS = 256
@@ -41,16 +41,22 @@ class KeyRing:
                 "API keys are not accepted in the URL (URLs end up in logs and proxies); "
                 "send `Authorization: Bearer <key>`"
             )
-        token = None
-        for name, value in headers:
-            if name == b"authorization":
-                scheme, _, rest = value.partition(b" ")
-                if scheme.lower() != b"bearer" or not rest.strip():
-                    raise Unauthenticated("malformed Authorization header: send `Authorization: Bearer <key>`")
-                token = rest.strip()
-                break
-            if name == b"api-key":
-                token = value.strip()
+        bearer = [value for name, value in headers if name == b"authorization"]
+        api_key = [value.strip() for name, value in headers if name == b"api-key"]
+        if len(bearer) > 1 or len(api_key) > 1:
+            raise AmbiguousCredentials(
+                "more than one Authorization or api-key header: send the key once, as `Authorization: Bearer <key>`"
+            )
+        token = api_key[0] if api_key else None
+        if bearer:
+            scheme, _, rest = bearer[0].partition(b" ")
+            if scheme.lower() != b"bearer" or not rest.strip():
+                raise Unauthenticated("malformed Authorization header: send `Authorization: Bearer <key>`")
+            if token is not None and token != rest.strip():  # which one counts would be a guess
+                raise AmbiguousCredentials(
+                    "the Authorization and api-key headers carry different keys: send one of them"
+                )
+            token = rest.strip()
         if token is None:
             raise Unauthenticated("this gateway needs an API key: send `Authorization: Bearer <key>`")
         if len(token) > MAX_KEY_CHARS or not _printable(token):

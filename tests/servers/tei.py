@@ -7,6 +7,8 @@ applied here the way TEI applies them (prompt before tokenization; normalize aft
 
 from __future__ import annotations
 
+import base64
+
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +31,7 @@ class TeiConfig:
     max_client_batch_size: int = 32
     auto_truncate: bool = True
     api_key: str | None = None
+    basic_auth: str | None = None  # "user:password" a reverse proxy in front of TEI asks for (Basic auth)
     max_concurrent_requests: int = 512
     version: str = "1.9.3"  # >= 1.9 answers validation errors with 422, older with 413
 
@@ -60,6 +63,9 @@ class TeiServer(ContractServer):
             return Reply(200, b"", content_type=None)
         if self.config.api_key and req.headers.get("authorization") != f"Bearer {self.config.api_key}":
             return Reply(401, b"", content_type=None)  # TEI's auth middleware: bare 401
+        basic = "Basic " + base64.b64encode((self.config.basic_auth or "").encode()).decode()
+        if self.config.basic_auth and req.headers.get("authorization") != basic:
+            return Reply(401, b"", content_type=None)
         if req.method == "GET" and req.path == "/info":
             return self.info()
         if req.method == "POST" and req.path == "/embed":
