@@ -198,6 +198,26 @@ def test_workers_sharing_redis_admit_the_limit_in_total_and_memory_never_more(
         assert statuses.count(200) <= 10 and statuses.count(500) == 0
 
 
+def test_redis_killed_mid_window_with_two_workers_never_admits_more_than_the_limit(
+    primary: LlamaCppProcess, redis_server: RedisServer
+) -> None:
+    """Issue 17, item 4: 20 through Redis, then Redis dies; the local fallback starts from what each worker
+    already admitted (it used to start from zero: 20 + 15 + 15 = 50 for rpm = 30)."""
+    auth = {"keys": [key("shared", SLOW, rpm=30)], "storage": redis_server.url, "window_s": 3600}
+    with cli_gateway(settings(primary, auth), args=("--workers", "2")) as gw:
+        fresh_window(3600, 90)
+        before = _burst([gw.url], SLOW, 20)
+        assert before.count(200) == 20
+        time.sleep(2.5)  # the workers pool what Redis told them through the control plane once a second
+        redis_server.kill()
+        after = _burst([gw.url], SLOW, 60)
+        assert 500 not in after
+        assert before.count(200) + after.count(200) <= 30, after
+        assert after.count(200) >= 1  # still served: a fallback, not a refusal
+        limited = embed(gw.url, SLOW)
+        assert limited.status_code == 429 and limited.headers["x-ratelimit-limit-requests"] == "15"  # its share
+
+
 @pytest.mark.parametrize("fallback", ["local", "reject"])
 def test_redis_killed_mid_test_falls_back_logged_and_counted(
     primary: LlamaCppProcess, redis_server: RedisServer, fallback: str
@@ -210,8 +230,8 @@ def test_redis_killed_mid_test_falls_back_logged_and_counted(
         redis_server.kill()
         statuses = [embed(gw.url, SLOW).status_code for _ in range(10)]
         assert 500 not in statuses
-        if fallback == "local":  # per-process counters from here on: 6 more, then 429 - never unlimited
-            assert statuses == [200] * 6 + [429] * 4
+        if fallback == "local":  # this process's counters, which already hold its 2: 4 more, then 429
+            assert statuses == [200] * 4 + [429] * 6
         else:
             assert statuses == [503] * 10
             r = embed(gw.url, SLOW)

@@ -7,8 +7,11 @@ N workers never admit more than the limit between them. When Redis cannot be rea
 configured fallback applies - per-process shares (`local`) or 503 (`reject`) - never "unlimited";
 the outage is logged once, counted, and Redis is tried again after a second.
 
-A request refused for texts still counts as a request (the two counters are charged one after the
-other, each atomically, so neither can ever be over-admitted).
+A fallback never starts from zero (that admitted 50 requests in a minute for rpm = 30 with two workers):
+each process remembers the shared remaining Redis last reported for each key and window, the workers of
+`serve --workers N` pool those figures through the control plane (each second), and in a fallback each
+process admits at most its 1/N of the smallest remaining known for the window - so the processes together
+stay within what was left. Only a window nobody has a figure for starts from the per-process share.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from limits import RateLimitItem, RateLimitItemPerSecond
 from limits.aio.storage import MemoryStorage, Storage
@@ -94,6 +98,10 @@ class Quotas:
             self._remote = strategy(storage)
         self._down_until = 0.0
         self._outage: str | None = None
+        # "key/what" -> (window number, shared remaining): this process's latest figure from Redis, and the
+        # smallest any worker reported (pooled by the control plane).
+        self.seen: dict[str, tuple[int, int]] = {}
+        self.pooled: dict[str, tuple[int, int]] = {}
 
     def inherit(self, old: Quotas) -> None:
         """A reload keeps the counters when they are counted the same way (else a reload would reset
@@ -101,6 +109,7 @@ class Quotas:
         same = (old.settings.storage, old.settings.strategy, old.settings.window_s)
         if same == (self.settings.storage, self.settings.strategy, self.settings.window_s):
             self._local, self._remote, self._storage = old._local, old._remote, old._storage
+            self.seen, self.pooled = old.seen, old.pooled
 
     def _item(self, amount: int | None, share: int) -> RateLimitItem | None:
         if amount is None:
@@ -113,16 +122,59 @@ class Quotas:
             return {}
         if self._remote is not None and time.monotonic() >= self._down_until:
             try:
-                return await self._charge(self._remote, key, texts, share=1)
+                windows = await self._charge(self._remote, key, texts, share=1)
             except StorageError as exc:
                 self._storage_failed(exc)
+            else:
+                self._note(key, windows)
+                return headers(*windows)
         if self.shared and self.settings.on_storage_error == "reject":
             self._metrics.key_rejection(key.name, "storage_unavailable")
             raise QuotaStorageUnavailable(
                 "the shared quota store is unreachable and auth.on_storage_error = reject; retry shortly",
                 retry_after=_RETRY_SHARED_S,
             )
-        return await self._charge(self._local, key, texts, share=max(1, self._workers()))
+        share = max(1, self._workers())
+        if self.shared:
+            await self._cap_to_known(key, share)
+        return headers(*await self._charge(self._local, key, texts, share=share))
+
+    def _window_no(self) -> int:
+        return int(time.time() // self.settings.window_s)
+
+    def _note(self, key: KeyConfig, windows: tuple[Window | None, Window | None]) -> None:
+        now = self._window_no()
+        for what, window in zip(("requests", "texts"), windows, strict=True):
+            if window is not None:
+                self.seen[f"{key.name}/{what}"] = (now, window.remaining)
+
+    def observations(self) -> dict[str, tuple[int, int]]:
+        """This window's figures, for the control plane to pool."""
+        now = self._window_no()
+        return {k: v for k, v in self.seen.items() if v[0] == now}
+
+    def learn(self, pooled: dict[str, Any]) -> None:
+        self.pooled = {k: (int(v[0]), int(v[1])) for k, v in pooled.items()}
+
+    async def _cap_to_known(self, key: KeyConfig, share: int) -> None:
+        """Before a fallback charge: this process may use at most 1/share of the smallest shared remaining
+        known for this window."""
+        now = self._window_no()
+        for what, amount in (("requests", key.rpm), ("texts", key.texts_per_minute)):
+            item = self._item(amount, share)
+            if item is None:
+                continue
+            known = [
+                v[1]
+                for v in (self.seen.get(f"{key.name}/{what}"), self.pooled.get(f"{key.name}/{what}"))
+                if v and v[0] == now
+            ]
+            if not known:
+                continue
+            stats = await self._local.get_window_stats(item, key.name, what)
+            excess = stats.remaining - min(known) // share
+            if excess > 0:
+                await self._local.hit(item, key.name, what, cost=excess)
 
     def _storage_failed(self, exc: StorageError) -> None:
         self._down_until = time.monotonic() + _RETRY_SHARED_S
@@ -137,7 +189,10 @@ class Quotas:
             log.error("quota storage %s unreachable (%s): %s", _redacted(self.settings.storage), message, fallback)
         self._outage = message
 
-    async def _charge(self, limiter: RateLimiter, key: KeyConfig, texts: int, share: int) -> dict[str, str]:
+    async def _charge(
+        self, limiter: RateLimiter, key: KeyConfig, texts: int, share: int
+    ) -> tuple[Window | None, Window | None]:
+        """Charge `limiter`; the request and text windows after it, or RateLimited."""
         requests = self._item(key.rpm, share)
         text_item = self._item(key.texts_per_minute, share)
         if text_item is not None and texts > text_item.amount:
@@ -150,9 +205,13 @@ class Quotas:
             )
         if requests is not None and not await limiter.hit(requests, key.name, "requests"):
             window = await self._window(limiter, requests, key, "requests")
+            if limiter is self._remote:  # used up for everyone: this process's fallback too
+                self._note(key, (window, None))
             raise self._limited(key, "rpm", window, headers(window, None))
         if text_item is not None and not await limiter.hit(text_item, key.name, "texts", cost=texts):
             window = await self._window(limiter, text_item, key, "texts")
+            if limiter is self._remote:
+                self._note(key, (None, window))
             raise self._limited(key, "texts_per_minute", window, headers(None, window))
         if limiter is self._remote and self._outage is not None:
             log.info("quota storage reachable again: limits are shared again")
@@ -161,8 +220,8 @@ class Quotas:
             r, t = await asyncio.gather(
                 self._window(limiter, requests, key, "requests"), self._window(limiter, text_item, key, "texts")
             )
-            return headers(r, t)
-        return headers(
+            return r, t
+        return (
             await self._window(limiter, requests, key, "requests") if requests else None,
             await self._window(limiter, text_item, key, "texts") if text_item else None,
         )

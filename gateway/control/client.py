@@ -134,7 +134,9 @@ class PlaneClient:
             if rt is not None:
                 rt.refresh_gauges()  # the multiprocess gauges of this worker stay current between scrapes
                 figures = worker_figures(rt)
-                writer.write(channel.encode({"op": "stats", "serving": serving, "backends": figures}))
+                quotas = rt.quotas.observations()
+                message = {"op": "stats", "serving": serving, "backends": figures, "quotas": quotas}
+                writer.write(channel.encode(message))
                 with contextlib.suppress(OSError):
                     await writer.drain()
             # Quickly until uvicorn accepts (a rolling restart waits for that), then once a second.

@@ -41,6 +41,7 @@ class _Worker:
     writer: asyncio.StreamWriter
     serving: bool = False
     backends: dict[str, Any] = field(default_factory=dict)
+    quotas: dict[str, list[int]] = field(default_factory=dict)  # "key/what" -> [window, shared remaining]
 
 
 class ControlPlane:
@@ -61,12 +62,23 @@ class ControlPlane:
 
     def current(self) -> Snapshot:
         """The latest snapshot; a new number only when something changed."""
-        content = build(self.runtime, self.workers)
+        content = build(self.runtime, self.workers, self._pooled_quotas())
         if content != self._content:
             self._content = content
             self._seq += 1
             self._published = {**content, "seq": self._seq}
         return self._published
+
+    def _pooled_quotas(self) -> dict[str, list[int]]:
+        """The smallest shared remaining any worker saw, per key and the latest window: what a worker's
+        quota fallback may share out if Redis goes away."""
+        pooled: dict[str, list[int]] = {}
+        for worker in self._followers.values():
+            for name, (window, remaining) in worker.quotas.items():
+                have = pooled.get(name)
+                if have is None or window > have[0] or (window == have[0] and remaining < have[1]):
+                    pooled[name] = [window, remaining]
+        return pooled
 
     async def start(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -130,6 +142,7 @@ class ControlPlane:
                 if message.get("op") == "stats":
                     worker.serving = bool(message["serving"])
                     worker.backends = message["backends"]
+                    worker.quotas = message.get("quotas") or {}
                     self._note_traffic(worker.backends)
         finally:
             self._followers.pop(writer, None)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 Snapshot = dict[str, Any]
 
 
-def build(rt: Runtime, workers: int) -> Snapshot:
+def build(rt: Runtime, workers: int, quotas: dict[str, list[int]] | None = None) -> Snapshot:
     cons = rt.consistency
     assert cons is not None
     backends = {}
@@ -46,7 +46,7 @@ def build(rt: Runtime, workers: int) -> Snapshot:
         }
         for m in rt.profiles
     }
-    return {"workers": workers, "backends": backends, "models": models}
+    return {"workers": workers, "backends": backends, "models": models, "quotas": quotas or {}}
 
 
 def apply(snapshot: Snapshot, rt: Runtime) -> None:
@@ -67,4 +67,5 @@ def apply(snapshot: Snapshot, rt: Runtime) -> None:
         if info != st.info or st.workers != workers:
             st.workers = workers
             st.learn(info)
+    rt.quotas.learn(snapshot.get("quotas") or {})
     rt.cache.sync(rt.states)  # entries a now-quarantined backend made since its last pass go
