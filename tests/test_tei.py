@@ -181,7 +181,7 @@ def test_url_credentials_are_sent_as_basic_auth_and_never_shown(
 ) -> None:
     """`url = "http://user:pass@host"` (a proxy with Basic auth in front of TEI) serves; before issue 17 every
     call failed in aiohttp ("Cannot combine AUTHORIZATION header with credentials in URL")."""
-    url, server = tei_factory(basic_auth="svc:p@ss w0rd")
+    url, _server = tei_factory(basic_auth="svc:p@ss w0rd")
     with_credentials = url.replace("http://", "http://svc:p%40ss%20w0rd@")
     settings = settings_for([tei_backend("t", with_credentials)])
     with run_gateway(settings) as gw, gw.client() as c:
@@ -191,11 +191,13 @@ def test_url_credentials_are_sent_as_basic_auth_and_never_shown(
         view = c.get("/v1/backends").text
         assert "p%40ss" not in view and "svc:" not in view and url.removeprefix("http://") in view
     wrong, _ = tei_factory(basic_auth="svc:other")
-    with run_gateway(
-        settings_for([tei_backend("t", wrong.replace("http://", "http://svc:nope@"))]), wait_ready=False
-    ) as gw:
-        with gw.client() as c:
-            assert c.post("/v1/embeddings", json={"model": "minilm", "input": "a"}).status_code == 503
+    with (
+        run_gateway(
+            settings_for([tei_backend("t", wrong.replace("http://", "http://svc:nope@"))]), wait_ready=False
+        ) as gw,
+        gw.client() as c,
+    ):
+        assert c.post("/v1/embeddings", json={"model": "minilm", "input": "a"}).status_code == 503
 
 
 async def test_describe_reads_info(tei_factory: TeiFactory) -> None:

@@ -8,7 +8,6 @@ applied here the way TEI applies them (prompt before tokenization; normalize aft
 from __future__ import annotations
 
 import base64
-
 import json
 from dataclasses import dataclass, field
 from typing import Any
