@@ -138,3 +138,36 @@ def test_hung_backend_times_out_to_the_fallback(primary: LlamaCppProcess) -> Non
         with run_gateway(settings_for(backends, models), wait_ready=False) as gw:
             r = httpx.post(gw.url + "/v1/embeddings", json={"model": "minilm", "input": "x"}, timeout=10)
             assert r.status_code == 200 and r.headers["x-embedding-backend"] == "live"
+
+
+async def test_a_backend_going_down_during_the_check_does_not_break_it(
+    primary: LlamaCppProcess, fallback: LlamaCppProcess
+) -> None:
+    """Issue 17, item 5: the health monitor changes a backend's state while the check awaits describe(); the
+    check read `unreachable` twice and died with StopIteration, leaving the fallback unverified."""
+    from backends.base import BackendInfo
+    from config import BUILTIN_PROFILES
+    from gateway.consistency.checker import Checker
+    from gateway.consistency.report import Verdict
+
+    cfg = {"kind": "llamacpp", "model": "m"}
+    ref = BackendState(LlamaCppAdapter(LlamaCppBackend.model_validate({**cfg, "name": "ref", "url": primary.url})))
+    flaky = BackendState(
+        LlamaCppAdapter(LlamaCppBackend.model_validate({**cfg, "name": "flaky", "url": fallback.url, "priority": 1}))
+    )
+    spare = BackendState(
+        LlamaCppAdapter(LlamaCppBackend.model_validate({**cfg, "name": "spare", "url": fallback.url, "priority": 2}))
+    )
+    flaky.healthy, flaky.last_check_error_kind = False, "timeout"  # down when the check starts
+    described = spare.backend.describe
+
+    async def describe_while_flaky_recovers() -> BackendInfo:
+        flaky.healthy, flaky.last_check_error_kind = True, None  # what the health monitor writes meanwhile
+        return await described()
+
+    spare.backend.describe = describe_while_flaky_recovers  # type: ignore[method-assign]
+    report = await Checker("m", BUILTIN_PROFILES["all-minilm-l6-v2"], [ref, flaky, spare]).run()
+    spare_result = report.result("spare")
+    assert spare_result is not None and spare_result.verdict is Verdict.AGREE, report.summary()
+    for st in (ref, flaky, spare):
+        await st.backend.aclose()

@@ -112,8 +112,12 @@ class Checker:
             None,
             {"agree_cosine": p.agree_cosine, "warn_cosine": p.warn_cosine, "error_cosine": p.error_cosine},
         )
-        infos = await asyncio.gather(*(self._describe(st) for st in self.states if not st.unreachable))
-        infos = self._align(infos)
+        # Which backends are down is read once: the health monitor may change it while this check awaits,
+        # and two reads that disagree misaligned the describe results (StopIteration in the old _align).
+        reachable = [st for st in self.states if not st.unreachable]
+        described = await asyncio.gather(*(self._describe(st) for st in reachable))
+        by_name = {st.backend.name: info for st, info in zip(reachable, described, strict=True)}
+        infos = [by_name.get(st.backend.name) for st in self.states]
         limits = [p.max_input_tokens] + [i.max_input_tokens for i in infos if i and i.max_input_tokens]
         if self._probes is not None:
             probes = self._probes
@@ -128,11 +132,7 @@ class Checker:
         vectors: dict[str, _Vectors | BackendError] = {}
         # A backend known to be down is not waited for: it is checked again when it recovers.
         down = BackendError("", "unhealthy: it will be checked when it recovers")
-        live = [
-            st
-            for st in self.states
-            if not st.unreachable and (self.only is None or st.backend.name in self.only | {self.reference_name})
-        ]
+        live = [st for st in reachable if self.only is None or st.backend.name in self.only | {self.reference_name}]
         results = await asyncio.gather(*(self._vectors(st, probes, prompt_names) for st in live))
         for st in self.states:
             vectors[st.backend.name] = down
@@ -226,11 +226,6 @@ class Checker:
         return None
 
     # -- gathering -------------------------------------------------------------------------------
-    def _align(self, infos: list[BackendInfo | None]) -> list[BackendInfo | None]:
-        """Describe results for the live backends, spread back over all of them (None for the down)."""
-        it = iter(infos)
-        return [next(it) if not st.unreachable else None for st in self.states]
-
     async def _describe(self, st: BackendState) -> BackendInfo | None:
         try:
             async with asyncio.timeout(_DESCRIBE_TIMEOUT_S):
