@@ -2,11 +2,15 @@
 
 - Memory stays bounded whatever the file's size: lines are read as they are needed, at most
   `concurrency` batches are in flight, and finished batches are written in input order.
-- Written in input order, one batch per write: the output is always a prefix of the (valid) input, so a
-  re-run resumes after the last id written, and a trailing partial line (a killed run) is cut off first.
-- 429/503 and connection failures are retried, honouring Retry-After; a batch the gateway refuses as
-  bad input is retried line by line so the bad line is named (line number and why) and skipped, as are
-  lines that are not JSON objects with a string text; `--strict` stops at the first bad line instead.
+- Written in input order, one batch per write: the output is always a prefix of the (valid) input. Each
+  output line records its input line number (`line`), so a re-run resumes after the last line written
+  (not by looking its id up: ids can repeat), and a trailing partial line (a killed run) is cut off first.
+  Ids that repeat are reported (`--strict`: stop), never silently merged.
+- 429/503 and connection failures are retried, honouring Retry-After, for at most `--max-retry-s` per
+  batch; then the run stops with exit 2 naming what failed. A batch the gateway refuses (400, or 413 for
+  a body over its limit) is retried line by line so the bad line is named (line number and why) and
+  skipped, as are lines that are not JSON objects with a string text; `--strict` stops at the first bad
+  line instead.
 - Every output line records the embedding space (`space_id`, from x-embedding-space); a resumed run
   whose gateway now serves another space stops: mixing the two in one index is the failure this
   gateway exists to prevent.
@@ -31,6 +35,7 @@ import numpy as np
 import orjson
 
 _RETRY_STATUSES = {429, 502, 503, 504}
+_REFUSED = {400, 413}  # the input itself: split the batch to find the line, never retry as it is
 _MAX_WAIT_S = 60.0
 
 
@@ -51,6 +56,7 @@ class Stats:
     done: int = 0
     skipped: int = 0
     bad: int = 0
+    duplicates: int = 0
     started: float = field(default_factory=time.monotonic)
 
 
@@ -71,6 +77,12 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per batch request")
+    p.add_argument(
+        "--max-retry-s",
+        type=float,
+        default=300.0,
+        help="give up (exit 2) when one batch has been retried for this long (429/503, connection errors)",
+    )
     p.set_defaults(func=cmd_embed)
 
 
@@ -96,15 +108,23 @@ def _count_lines(path: Path) -> int:
     return n
 
 
-def resume_point(out: Path) -> tuple[str | None, str | None, int]:
-    """Cut a partial last line; the last id written (as JSON text), the space, and the lines written."""
+@dataclass(frozen=True)
+class Resume:
+    line: int | None  # the input line of the last record written (files written before `line` existed: None)
+    id: str | None  # its id as JSON text
+    space: str | None
+    written: int
+
+
+def resume_point(out: Path) -> Resume:
+    """Cut a partial last line; where the output ends."""
     if not out.exists():
-        return None, None, 0
+        return Resume(None, None, None, 0)
     with out.open("rb+") as f:
         f.seek(0, os.SEEK_END)
         size = f.tell()
         if size == 0:
-            return None, None, 0
+            return Resume(None, None, None, 0)
         # Walk back to the last newline: anything after it is a line a killed run did not finish.
         pos = size
         tail = b""
@@ -117,12 +137,12 @@ def resume_point(out: Path) -> tuple[str | None, str | None, int]:
         if end != size:
             f.truncate(end)
         if end == 0:
-            return None, None, 0
+            return Resume(None, None, None, 0)
         # The last complete line.
         f.seek(max(0, end - (1 << 20)))
         last = f.read(end - max(0, end - (1 << 20))).rstrip(b"\n").rsplit(b"\n", 1)[-1]
     record = json.loads(last)
-    return json.dumps(record["id"]), record.get("space_id"), _count_lines(out)
+    return Resume(record.get("line"), json.dumps(record["id"]), record.get("space_id"), _count_lines(out))
 
 
 class Bulk:
@@ -136,9 +156,11 @@ class Bulk:
         self.stats = Stats(_count_lines(self.inp))
         self._last_progress = 0.0
 
-    def docs(self, after_id: str | None) -> Iterator[Doc]:
-        """Valid documents after the resume point; bad lines reported (or fatal with --strict)."""
-        skipping = after_id is not None
+    def docs(self, resume: Resume) -> Iterator[Doc]:
+        """Valid documents after the resume point; bad lines and repeated ids reported (or fatal with --strict)."""
+        after_id = resume.id if resume.line is None else None  # only for output written without line numbers
+        skipping = resume.line is not None or after_id is not None
+        first_seen: dict[int, int] = {}  # hash of the id's JSON -> its first line (bounded: 2 ints per line)
         with self.inp.open("rb") as f:
             for number, raw in enumerate(f, start=1):
                 if not raw.strip():
@@ -155,14 +177,26 @@ class Bulk:
                     why = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
                     self.bad_line(number, why)
                     continue
+                as_json = json.dumps(doc_id)
+                seen_at = first_seen.setdefault(hash(as_json), number)
+                if seen_at != number and not skipping:
+                    self.duplicate(number, as_json, seen_at)
                 if skipping:
                     self.stats.skipped += 1
-                    if json.dumps(doc_id) == after_id:
+                    if number == resume.line or (resume.line is None and as_json == after_id):
                         skipping = False
                     continue
                 yield Doc(number, doc_id, text)
         if skipping:
-            raise BulkError(f"the last id in {self.out} ({after_id}) is not in {self.inp}: is it the same input?")
+            where = f"line {resume.line}" if resume.line is not None else f"id {after_id}"
+            raise BulkError(f"the last record in {self.out} ({where}) is not in {self.inp}: is it the same input?")
+
+    def duplicate(self, number: int, doc_id: str, first: int) -> None:
+        self.stats.duplicates += 1
+        message = f"{self.inp}:{number}: id {doc_id[:100]} repeats the id of line {first}"
+        if self.args.strict:
+            raise BulkError(f"{message} (--strict)")
+        print(f"\nwarning: {message}; both are written", file=sys.stderr)
 
     def bad_line(self, number: int, why: str) -> None:
         self.stats.bad += 1
@@ -172,22 +206,25 @@ class Bulk:
         print(f"\nskipped {message}", file=sys.stderr)
 
     async def run(self) -> int:
-        after_id, space, written = resume_point(self.out)
-        self.space = space
-        if after_id is not None:
-            print(f"resuming after {written} lines already in {self.out} (last id {after_id})", file=sys.stderr)
+        resume = resume_point(self.out)
+        self.space = resume.space
+        if resume.written:
+            where = f"input line {resume.line}" if resume.line is not None else f"id {resume.id}"
+            print(f"resuming after {resume.written} lines already in {self.out} ({where})", file=sys.stderr)
         headers = {"Authorization": f"Bearer {self.args.api_key}"} if self.args.api_key else {}
         limits = httpx.Limits(max_connections=self.args.concurrency)
         async with httpx.AsyncClient(
             base_url=self.args.url, headers=headers, timeout=self.args.timeout, limits=limits
         ) as http:
             with self.out.open("ab") as out:
-                await self._pipeline(http, out, after_id)
+                await self._pipeline(http, out, resume)
         self.progress(final=True)
+        if self.stats.duplicates:
+            print(f"{self.stats.duplicates} lines repeat an earlier id (see the warnings above)", file=sys.stderr)
         return 1 if self.stats.bad and self.args.strict else 0
 
-    async def _pipeline(self, http: httpx.AsyncClient, out: Any, after_id: str | None) -> None:
-        batches = _batched(self.docs(after_id), self.args.batch)
+    async def _pipeline(self, http: httpx.AsyncClient, out: Any, resume: Resume) -> None:
+        batches = _batched(self.docs(resume), self.args.batch)
         pending: dict[int, asyncio.Task[list[bytes]]] = {}
         next_to_write = 0
         number = 0
@@ -217,16 +254,18 @@ class Bulk:
 
     async def _embed_batch(self, http: httpx.AsyncClient, batch: list[Doc]) -> list[bytes]:
         status, payload = await self._post(http, [d.text for d in batch])
-        if status == 400 and len(batch) > 1:  # find the bad line(s): one request per line
+        if status in _REFUSED and len(batch) > 1:  # find the bad line(s): one request per line
             lines: list[bytes] = []
             for doc in batch:
                 lines += await self._embed_batch(http, [doc])
             return lines
-        if status == 400:
-            self.bad_line(batch[0].line, f"the gateway refused it: {payload}")
+        if status in _REFUSED:
+            self.bad_line(batch[0].line, f"the gateway refused it ({status}): {payload}")
             return []
         return [
-            orjson.dumps({"id": d.id, "embedding": v, "space_id": self.space}, option=orjson.OPT_SERIALIZE_NUMPY)
+            orjson.dumps(
+                {"id": d.id, "embedding": v, "space_id": self.space, "line": d.line}, option=orjson.OPT_SERIALIZE_NUMPY
+            )
             + b"\n"
             for d, v in zip(batch, payload, strict=True)
         ]
@@ -238,6 +277,7 @@ class Bulk:
         if self.args.prompt_name:
             body["prompt_name"] = self.args.prompt_name
         delay = 0.5
+        give_up_at = None
         while True:
             try:
                 r = await http.post("/v1/embeddings", json=body)
@@ -246,12 +286,20 @@ class Bulk:
             else:
                 if r.status_code == 200:
                     return 200, self._vectors(r, len(texts))
+                message = _error_message(r)
                 if r.status_code not in _RETRY_STATUSES:
-                    message = _error_message(r)
-                    if r.status_code == 400:
-                        return 400, message
+                    if r.status_code in _REFUSED:
+                        return r.status_code, message
                     raise BulkError(f"the gateway answered {r.status_code}: {message}")
-                wait, why = _retry_after(r.headers.get("retry-after"), delay), f"HTTP {r.status_code}"
+                wait = _retry_after(r.headers.get("retry-after"), delay)
+                why = f"HTTP {r.status_code} ({message[:200]})"
+            now = time.monotonic()
+            give_up_at = give_up_at or now + self.args.max_retry_s
+            if now + wait > give_up_at:
+                raise BulkError(
+                    f"gave up after retrying a batch for {self.args.max_retry_s:.0f}s (--max-retry-s): last answer "
+                    f"{why}; run the same command again to resume"
+                )
             print(f"\n{why}: retrying in {wait:.1f}s", file=sys.stderr)
             await asyncio.sleep(wait)
             delay = min(delay * 2, _MAX_WAIT_S)
