@@ -45,7 +45,12 @@ def test_dashboard_shows_the_quarantined_backend_with_its_diagnosis(
         wait_until(lambda: httpx.get(f"{gw.url}/v1/backends").json()["data"][1]["agreement"] == "disagree", 60)
         assert embed_url(gw.url, "some traffic").status_code == 200
         page = httpx.get(f"{gw.url}/dashboard")
-        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert page.status_code == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
+        # Hardened (issue 17, item 7): no inline code but the page's own (by hash), no sniffing, no framing.
+        csp = page.headers["content-security-policy"]
+        assert "default-src 'self'" in csp and "script-src 'sha256-" in csp and "unsafe-inline" not in csp
+        assert "frame-ancestors 'none'" in csp and page.headers["x-frame-options"] == "DENY"
+        assert page.headers["x-content-type-options"] == "nosniff"
         assert "https://" not in page.text  # nothing from a CDN
         dom = browse(f"{gw.url}/dashboard", "--dump-dom")
         row = re.search(r'<tr data-backend="odd">(.*?)</tr>', dom, re.S)
