@@ -48,7 +48,9 @@ class Backend(Protocol):
     # input_type), so it receives plain texts. The agreement checker verifies either way.
     applies_prompt: bool
 
-    async def embed(self, texts: Sequence[str], prompt_name: str | None = None) -> Embeddings: ...
+    async def embed(
+        self, texts: Sequence[str], prompt_name: str | None = None, timeout_s: float | None = None
+    ) -> Embeddings: ...
 
     async def health(self) -> Health: ...
 

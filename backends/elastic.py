@@ -82,17 +82,19 @@ class ElasticAdapter:
     async def aclose(self) -> None:
         await self._es.close()
 
-    async def embed(self, texts: Sequence[str], prompt_name: str | None = None) -> Embeddings:
+    async def embed(
+        self, texts: Sequence[str], prompt_name: str | None = None, timeout_s: float | None = None
+    ) -> Embeddings:
         # Sub-batches arrive cut to `max_batch_size` by the router.
         input_type = self.config.input_types.get(prompt_name) if prompt_name else None
-        rows = await self._infer(list(texts), input_type)
+        rows = await self._infer(list(texts), input_type, timeout_s)
         if len(rows) != len(texts):
             raise BadBackendOutput(self.name, f"returned {len(rows)} embeddings for {len(texts)} inputs")
         return Embeddings(stack_rows(self.name, rows))  # the inference API reports no token usage
 
-    async def _infer(self, texts: list[str], input_type: str | None) -> list[Any]:
+    async def _infer(self, texts: list[str], input_type: str | None, timeout_s: float | None = None) -> list[Any]:
         resp: Any
-        seconds = self.config.call_timeout_s(len(texts))
+        seconds = timeout_s or self.config.call_timeout_s(len(texts))
         timeout = f"{max(1, int(seconds))}s"  # Elasticsearch's own limit on the inference call
         es = self._es.options(request_timeout=seconds + self.config.connect_timeout_s)
         try:

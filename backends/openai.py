@@ -96,10 +96,12 @@ class OpenAICompatAdapter:
     def _request_body(self, texts: Sequence[str]) -> bytes:
         return msgspec.json.encode({"input": list(texts), "model": self.remote_model, "encoding_format": "base64"})
 
-    async def embed(self, texts: Sequence[str], prompt_name: str | None = None) -> Embeddings:
+    async def embed(
+        self, texts: Sequence[str], prompt_name: str | None = None, timeout_s: float | None = None
+    ) -> Embeddings:
         async with transport_errors(self.name):
             resp = await self._poster.post(
-                "/v1/embeddings", self._request_body(texts), self.config.call_timeout_s(len(texts))
+                "/v1/embeddings", self._request_body(texts), timeout_s or self.config.call_timeout_s(len(texts))
             )
         if resp.status_code != 200:
             raise self._error(resp.as_httpx())

@@ -73,14 +73,18 @@ class TeiAdapter:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def embed(self, texts: Sequence[str], prompt_name: str | None = None) -> Embeddings:
+    async def embed(
+        self, texts: Sequence[str], prompt_name: str | None = None, timeout_s: float | None = None
+    ) -> Embeddings:
         # Batches over TEI's max_client_batch_size (TEI #378) never get here: the router cuts
         # sub-batches to the limit describe() reports; a stale limit comes back as PayloadTooLarge.
         body: dict[str, Any] = {"inputs": list(texts), "truncate": False, "normalize": True}
         if self.applies_prompt and prompt_name is not None:
             body["prompt_name"] = prompt_name
         async with transport_errors(self.name):
-            resp = await self._poster.post("/embed", msgspec.json.encode(body), self.config.call_timeout_s(len(texts)))
+            resp = await self._poster.post(
+                "/embed", msgspec.json.encode(body), timeout_s or self.config.call_timeout_s(len(texts))
+            )
         if resp.status_code != 200:
             raise self._error(resp.as_httpx())
         try:

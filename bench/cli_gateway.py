@@ -59,11 +59,14 @@ url = "{llama_url}"
 
 
 @contextmanager
-def cli_gateway(work: Path, config_text: str, port: int, *, ready: bool = True) -> Iterator[tuple[str, int]]:
+def cli_gateway(
+    work: Path, config_text: str, port: int, *, ready: bool = True, workers: int = 1
+) -> Iterator[tuple[str, int]]:
     """Yields the gateway's URL and pid."""
     config = work / f"gateway-{port}.toml"
     config.write_text(config_text)
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)], cwd=ROOT)
+    cmd = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config), "--workers", str(workers)]
+    proc = subprocess.Popen(cmd, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
         if ready:

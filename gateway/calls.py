@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import numpy as np
@@ -34,6 +34,7 @@ from backends.errors import (
 )
 from gateway.errors import DeadlineExceeded
 from gateway.metrics import Metrics
+from gateway.resilience.capacity import CapacityPolicy
 from gateway.resilience.deadline import Deadline
 from gateway.state import BackendState
 
@@ -50,6 +51,17 @@ class Purpose(StrEnum):
 class CallPolicy:
     min_attempt_s: float = 0.01  # never start a call with less time left than this...
     min_attempt_share: float = 0.5  # ...or than this share of the backend's usual call time
+    capacity: CapacityPolicy = field(default_factory=CapacityPolicy)
+
+
+class _Waiters:
+    """Whether anyone still waits for a call: one that times out after everybody left is abandoned work,
+    not a backend failure."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = False
 
 
 def check_output(backend: str, out: Embeddings, n: int, dimension: int) -> None:
@@ -87,9 +99,11 @@ class BackendCalls:
         self.policy = policy or CallPolicy()
 
     def call_timeout(self, st: BackendState, n: int) -> float:
-        """The backend's own time for `n` texts: its `timeout_s` plus `timeout_per_text_s` per text."""
+        """The backend's own time for `n` texts: a multiple of what such calls take it lately (slow is
+        alive), at least its configured `timeout_s` plus `timeout_per_text_s` per text."""
         config = getattr(st.backend, "config", None)
-        return float(config.call_timeout_s(n)) if config is not None else 5.0 + 0.05 * n
+        floor = float(config.call_timeout_s(n)) if config is not None else 5.0 + 0.05 * n
+        return st.times.timeout_s(n, floor, self.policy.capacity)
 
     def too_late(self, st: BackendState, deadline: Deadline) -> bool:
         """Less time left than the backend usually takes: the call would only be cut off (and waste it)."""
@@ -140,10 +154,12 @@ class BackendCalls:
         name = st.backend.name
         own = timeout_s if timeout_s is not None else self.call_timeout(st, len(texts))
         if purpose is Purpose.HEALTH:
-            return await self._timed(st, texts, prompt_name, min(own, deadline.remaining()), purpose)
+            return await self._timed(st, texts, prompt_name, min(own, deadline.remaining()), purpose, _Waiters())
         if self.too_late(st, deadline):
             raise DeadlineExceeded(f"the request's deadline left too little time to call backend {name!r}")
         queued_at = time.perf_counter()
+        units = len(texts) + 1
+        st.queued_units += units
         try:
             # Agreement checks and shadows are background work: they wait behind client traffic.
             await st.admission.acquire(deadline.remaining(), bulk=bulk or purpose is not Purpose.REQUEST)
@@ -153,6 +169,8 @@ class BackendCalls:
                 f"the request's deadline passed while waiting for backend {name!r} "
                 f"({st.admission.limit} calls at a time)"
             ) from None
+        finally:
+            st.queued_units -= units
         self._metrics.admission_waited(name, time.perf_counter() - queued_at)
         if self.too_late(st, deadline):
             st.admission.release()
@@ -162,34 +180,54 @@ class BackendCalls:
         # finish abandoned work anyway, so the slot stays taken until they have - the next calls queue
         # here instead of piling onto a backend still busy with work nobody wants - and the backend
         # is judged only on its own timeout, never on the client's.
-        call = asyncio.ensure_future(self._timed(st, texts, prompt_name, own, purpose))
+        waiters = _Waiters()
+        call = asyncio.ensure_future(self._timed(st, texts, prompt_name, own, purpose, waiters))
         call.add_done_callback(lambda task: _settle(task, st))
         remaining = deadline.remaining()
-        if remaining >= own:  # the call's own timeout comes first: no second timer (hot path)
-            return await asyncio.shield(call)
         try:
-            async with asyncio.timeout(remaining):
+            if remaining >= own:  # the call's own timeout comes first: no second timer (hot path)
                 return await asyncio.shield(call)
-        except TimeoutError:  # the request's deadline (the call's own timeout raises BackendTimeout)
-            if purpose is Purpose.REQUEST:
-                self._metrics.backend_call(name, "deadline", time.perf_counter() - queued_at)
-            raise DeadlineExceeded(f"no answer from backend {name!r} within the request's deadline") from None
+            try:
+                async with asyncio.timeout(remaining):
+                    return await asyncio.shield(call)
+            except TimeoutError:  # the request's deadline (the call's own timeout raises BackendTimeout)
+                if purpose is Purpose.REQUEST:
+                    self._metrics.backend_call(name, "deadline", time.perf_counter() - queued_at)
+                raise DeadlineExceeded(f"no answer from backend {name!r} within the request's deadline") from None
+        except BaseException:
+            if not call.done():
+                waiters.left = True  # the client or its deadline went: whatever the call does now is nobody's
+            raise
 
     async def _timed(
-        self, st: BackendState, texts: Sequence[str], prompt_name: str | None, own: float, purpose: Purpose
+        self,
+        st: BackendState,
+        texts: Sequence[str],
+        prompt_name: str | None,
+        own: float,
+        purpose: Purpose,
+        waiters: _Waiters,
     ) -> Embeddings:
         """The backend call itself, bounded by the backend's own timeout; the outcome is recorded."""
         backend = st.backend
         counts = purpose is Purpose.REQUEST
         st.in_flight += 1
+        at_start = st.in_flight
+        st.in_flight_units += len(texts) + 1
         started = time.perf_counter()
         try:
             async with asyncio.timeout(own):
-                out = await backend.embed(texts, prompt_name)
+                out = await backend.embed(texts, prompt_name, timeout_s=own)
             check_output(backend.name, out, len(texts), self._dimensions[backend.model])
         except TimeoutError as exc:
             error: BackendError = BackendTimeout(backend.name, f"no answer within {own:.1f}s for {len(texts)} texts")
-            if counts:
+            if purpose is not Purpose.CHECK:  # it takes longer than `own`: the next bound learns that
+                st.times.overran(len(texts), own)
+            # Abandoned work that ran long is not the backend's failure (a backend that answers nothing at all
+            # fails its health checks instead).
+            if counts and waiters.left:
+                self._metrics.backend_call(backend.name, "abandoned", time.perf_counter() - started)
+            elif counts:
                 self._failed(st, error, time.perf_counter() - started)
             raise error from exc
         except Exception as exc:
@@ -199,11 +237,17 @@ class BackendCalls:
             raise error from exc
         finally:
             st.in_flight -= 1
+            st.in_flight_units -= len(texts) + 1
+        elapsed = time.perf_counter() - started
         if counts:
-            elapsed = time.perf_counter() - started
+            busy = st.admission.saturated or st.admission.queued > 0
+            st.capacity.observe(elapsed, st.times.unloaded_s(len(texts)), busy, at_start)
             st.breaker.record_success()
             st.record_success(elapsed)
             self._metrics.backend_call(backend.name, "ok", elapsed)
+        if purpose is not Purpose.CHECK:  # checks queue as bulk behind traffic: their time says little
+            st.times.observe(len(texts), elapsed)
+        st.times.completed(len(texts))
         return out
 
     def _failed(self, st: BackendState, error: BackendError, elapsed: float) -> None:
@@ -216,6 +260,7 @@ class BackendCalls:
             st.info = None  # its limits changed under us: the next health check learns them again
             return
         hold = error.retry_after if isinstance(error, BackendOverloaded) else None
+        st.last_failure_kind = error.kind
         st.breaker.record_failure(hold_open_s=hold)
         st.record_failure(error.message)
         if st.should_log(error.message):

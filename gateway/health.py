@@ -3,6 +3,12 @@
 Each check calls the backend's health route **and** embeds one probe text: a server can say "ok" and
 still fail to embed. Results move the backend between healthy and unhealthy (with thresholds), feed
 its circuit breaker (a passing probe closes a half-open circuit) and its latency EWMA.
+
+Slow is alive: the check's time bound is learned (a multiple of the backend's recent one-text call time,
+at least `health_timeout_s`); a real embedding that succeeded since the last check proves more than the
+probe would, so the probe is skipped then (it would only queue behind client work at the backend); and
+a probe that times out while client calls are at the backend and it answered one of them lately means
+busy, not broken (a backend that answers nothing is down however many calls wait on it).
 """
 
 from __future__ import annotations
@@ -67,23 +73,26 @@ class HealthMonitor:
         probing = breaker.state is CircuitState.HALF_OPEN and breaker.allow()
         started = time.perf_counter()
         misconfigured = timed_out = False
+        bound = self.bound_s(st)
+        proven = time.monotonic() - st.last_success_at < self._settings.health_interval_s and not probing
         try:
-            async with asyncio.timeout(self._settings.health_timeout_s):
+            async with asyncio.timeout(bound):
                 health = await backend.health()
                 ok, detail = health.ok, health.detail
-                if ok:
-                    await self._probe(st)
+                if ok and not proven:
+                    await self._probe(st, bound)
         except BackendError as exc:
             ok, detail = False, exc.message
             misconfigured = isinstance(exc, BackendMisconfigured)
             st.last_check_error_kind = exc.kind
         except TimeoutError:
-            # A probe that queued behind real traffic which is being served means busy, not broken:
-            # a real embedding just succeeded, which proves more than the probe would have.
+            # A probe that queued behind real traffic means busy, not broken: a real embedding just
+            # succeeded, or client calls are still at the backend within their own (learned) bounds.
             timed_out = True
-            ok = time.monotonic() - st.last_success_at < self._settings.health_timeout_s
+            since_success = time.monotonic() - st.last_success_at
+            ok = since_success < bound or (st.busy() and since_success < 4 * bound)
             st.last_check_error_kind = "timeout"
-            detail = "" if ok else f"health check timed out after {self._settings.health_timeout_s:g}s"
+            detail = "" if ok else f"health check timed out after {bound:.1f}s"
         except Exception as exc:  # a bug in one adapter must not kill the monitor
             ok, detail = False, f"health check failed: {type(exc).__name__}"
             log.exception("health check of %s raised", backend.name)
@@ -118,9 +127,12 @@ class HealthMonitor:
         if changed is not None:
             self._on_change(st, changed)
 
-    async def _probe(self, st: BackendState) -> None:
+    def bound_s(self, st: BackendState) -> float:
+        """How long one check may take: `health_timeout_s`, or more for a backend that is slow lately."""
+        return st.times.timeout_s(1, self._settings.health_timeout_s, self._calls.policy.capacity)
+
+    async def _probe(self, st: BackendState, timeout: float) -> None:
         """Embed one text: proves the backend can embed, with the right dimension."""
-        timeout = self._settings.health_timeout_s
         await self._calls.embed(
             st, [self._settings.probe_text], None, deadline=Deadline(timeout), purpose=Purpose.HEALTH, timeout_s=timeout
         )

@@ -88,6 +88,18 @@ class Metrics:
             ["model", "backend"],
             registry=self.registry,
         )
+        self.panic_routing = Counter(
+            "embedding_gateway_panic_routing_total",
+            "Calls routed to a backend out only for being slow, because no backend of the model admitted calls.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.shed = Counter(
+            "embedding_gateway_shed_total",
+            "Requests refused at once (503 overloaded) because the backends' queues would answer past their deadline.",
+            ["model"],
+            registry=self.registry,
+        )
         self.admission_wait_seconds = Histogram(
             "embedding_gateway_admission_wait_seconds",
             "Time calls queued in the gateway for a free slot at the backend.",

@@ -23,10 +23,10 @@ import numpy as np
 
 from backends.errors import BackendError, BackendUnavailable, InputRejected, InputTooLong, PayloadTooLarge
 from gateway.calls import BackendCalls
-from gateway.errors import DeadlineExceeded, NoBackendAvailable
+from gateway.errors import DeadlineExceeded, NoBackendAvailable, Overloaded
 from gateway.metrics import Metrics
 from gateway.pipeline import Prompt
-from gateway.resilience.balance import AttemptPlan
+from gateway.resilience.balance import AttemptPlan, queue_eta_s
 from gateway.resilience.batching import split
 from gateway.resilience.deadline import Deadline
 from gateway.resilience.hedge import hedged
@@ -36,6 +36,7 @@ from gateway.state import BackendState
 log = logging.getLogger(__name__)
 
 NO_PROMPT = Prompt(None, "")
+_SHED_MARGIN = 0.8  # an estimate within 20 % of the deadline is too close to call: refuse rather than waste the work
 # Set for the sub-batches of a request that has several: bulk work, queued behind small requests.
 _BULK: ContextVar[bool] = ContextVar("bulk", default=False)
 
@@ -126,6 +127,7 @@ class Router:
             reason = self._explain(model) or f"model {model!r} has no compatible backend in service"
             raise NoBackendAvailable(reason, retry_after=self.policy.retry_after_cap_s)
         slices = split(texts, self._chunk_size(members), self._token_budget(members))
+        self._shed_if_late(model, members, slices, deadline)
         if len(slices) == 1:
             part = await self._subbatch(model, members, texts, prompt, deadline)
             return Routed(part.vectors, tuple(part.backends), part.tokens)
@@ -151,6 +153,25 @@ class Router:
         tokens = [p.tokens for p in parts]
         total = sum(t for t in tokens if t is not None) if all(t is not None for t in tokens) else None
         return Routed(np.concatenate([p.vectors for p in parts]), tuple(used), total)
+
+    def _shed_if_late(self, model: str, members: list[BackendState], slices: list[slice], deadline: Deadline) -> None:
+        """Refuse at once (503 + Retry-After from the queue) a request that no backend could answer within
+        its deadline because of the work already queued: waiting it out would only waste the wait and,
+        once it is sent, the backend's work."""
+        units = sum(sl.stop - sl.start + 1 for sl in slices)
+        largest = max(sl.stop - sl.start for sl in slices)
+        etas = [queue_eta_s(st, units, largest) for st in AttemptPlan(members).usable()]
+        if not etas or any(eta is None for eta in etas):
+            return  # a backend with a free slot, or one whose pace is not known yet: try
+        ahead, done = min((eta for eta in etas if eta is not None), key=lambda eta: eta[1])
+        if done > _SHED_MARGIN * deadline.remaining():
+            self._metrics.shed.labels(model).inc()
+            raise Overloaded(
+                f"model {model!r} is at capacity: its backends would answer this request in about {done:.1f}s, "
+                f"past its deadline ({deadline.remaining():.1f}s left); retry later or with a longer "
+                "x-request-timeout",
+                retry_after=min(60.0, max(1.0, ahead)),
+            )
 
     def _chunk_size(self, members: list[BackendState]) -> int:
         return min([self.policy.batch_size] + [x for st in members if (x := st.batch_limit())])
@@ -208,6 +229,15 @@ class Router:
             )
         if plan.overflowed_from is not None:
             self._metrics.overflows.labels(model, st.backend.name).inc()
+        if plan.panicked:
+            self._metrics.panic_routing.labels(model).inc()
+            st.panicked += 1
+            if st.should_log(f"panic routing to {st.backend.name}"):
+                log.warning(
+                    "model %s: no backend admits calls; panic routing to %s, which is out only for being slow",
+                    model,
+                    st.backend.name,
+                )
         return st
 
     async def _attempt(

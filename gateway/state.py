@@ -10,6 +10,7 @@ from backends.base import Backend, BackendInfo
 from gateway.consistency.report import Verdict
 from gateway.resilience.admission import Admission
 from gateway.resilience.breaker import CircuitBreaker
+from gateway.resilience.capacity import CallTimes, ConcurrencyLimit
 
 _EWMA_ALPHA = 0.3
 _RECENT = 256  # client calls whose latency the p50/p99 in /v1/backends are taken over
@@ -40,6 +41,13 @@ class BackendState:
     admission: Admission = field(default_factory=lambda: Admission(DEFAULT_CONCURRENCY))
     workers: int = 1  # processes sharing the backend (serve --workers N): each admits its share
     recent_ms: deque[float] = field(default_factory=lambda: deque(maxlen=_RECENT), repr=False)  # client calls
+    times: CallTimes = field(default_factory=CallTimes, repr=False)  # learned call time by size (timeouts, ETA)
+    capacity: ConcurrencyLimit = field(init=False, repr=False)  # the adaptive admission limit
+    last_failure_kind: str | None = None  # the error class of the last failed client call
+    panicked: int = 0  # requests routed here by panic routing (every backend of its model was out)
+    queued_units: int = 0  # work waiting in this process's queue for the backend (texts + 1 per call)
+    in_flight_units: int = 0  # work at the backend now, from this process
+    busy_until: float = -1e18  # monotonic time until which workers reported client calls at this backend
     _logged_error: str | None = field(default=None, repr=False)
 
     def should_log(self, message: str) -> bool:
@@ -55,12 +63,13 @@ class BackendState:
         return bool(getattr(getattr(self.backend, "config", None), "shadow", False))
 
     def __post_init__(self) -> None:
-        self.admission.set_limit(self.concurrency_limit())
+        self.capacity = ConcurrencyLimit(self.admission.set_limit)
+        self.capacity.reset(self.concurrency_limit())
 
     def learn(self, info: BackendInfo | None) -> None:
         """What the backend says about itself (None: forget it); its stated slots bound its admission."""
         self.info = info
-        self.admission.set_limit(self.concurrency_limit())
+        self.capacity.reset(self.concurrency_limit())
 
     def concurrency_limit(self) -> int:
         """Calls at once from this process: the configured `max_concurrency`, else what the backend
@@ -95,6 +104,10 @@ class BackendState:
         self.last_latency_ms = round(ms, 3)
         prev = self.latency_ewma_ms
         self.latency_ewma_ms = round(ms if prev is None else _EWMA_ALPHA * ms + (1 - _EWMA_ALPHA) * prev, 3)
+
+    def busy(self) -> bool:
+        """Client calls are at the backend now (this process's, or a worker's lately)."""
+        return self.in_flight > 0 or time.monotonic() < self.busy_until
 
     def record_success(self, latency_s: float) -> None:
         self.requests += 1

@@ -12,15 +12,15 @@ from gateway.runtime import Runtime
 from gateway.state import BackendState
 
 # Per-backend figures each worker counts for its own traffic; the shared view adds them up.
-WORKER_COUNTS = ("in_flight", "queued", "concurrency_limit", "requests", "failures", "circuit_trips")
+WORKER_COUNTS = ("in_flight", "queued", "concurrency_limit", "requests", "failures", "circuit_trips", "panic_routed")
 
 
 def worker_figures(rt: Runtime) -> dict[str, dict[str, Any]]:
     """This process's own traffic figures per backend (what a worker reports to the control plane)."""
-    return {st.backend.name: _figures(st) for st in rt.states}
+    return {st.backend.name: _figures(rt, st) for st in rt.states}
 
 
-def _figures(st: BackendState) -> dict[str, Any]:
+def _figures(rt: Runtime, st: BackendState) -> dict[str, Any]:
     p50, p99 = st.recent_percentiles()
     return {
         "in_flight": st.in_flight,
@@ -28,6 +28,8 @@ def _figures(st: BackendState) -> dict[str, Any]:
         "concurrency_limit": st.admission.limit,
         "requests": st.requests,
         "failures": st.failures,
+        "panic_routed": st.panicked,
+        "call_timeout_1_s": round(rt.service.router.calls.call_timeout(st, 1), 3),
         "circuit_trips": st.breaker.trips,
         "circuit": str(st.breaker.state),
         "last_success_at": st.last_success_at,
@@ -73,8 +75,11 @@ def backends_view(rt: Runtime, workers: list[dict[str, Any]] | None = None, coun
             "in_flight": st.in_flight,
             "queued": st.admission.queued,
             "concurrency_limit": st.admission.limit,
+            "declared_concurrency": st.capacity.declared,
+            "call_timeout_1_s": round(rt.service.router.calls.call_timeout(st, 1), 3),
             "requests": st.requests,
             "failures": st.failures,
+            "panic_routed": st.panicked,
         }
         if workers is not None:
             _merge_workers(entry, b.name, workers)
@@ -106,7 +111,7 @@ def _merge_workers(entry: dict[str, Any], name: str, workers: list[dict[str, Any
     latencies = [f["latency_ewma_ms"] for f in figures if f["latency_ewma_ms"] is not None]
     if latencies:
         entry["latency_ewma_ms"] = round(sum(latencies) / len(latencies), 3)
-    for key in ("latency_p50_ms", "latency_p99_ms"):  # the slowest worker's: a conservative figure
+    for key in ("latency_p50_ms", "latency_p99_ms", "call_timeout_1_s"):  # the slowest worker's: conservative
         values = [f[key] for f in figures if f.get(key) is not None]
         entry[key] = max(values) if values else None
 

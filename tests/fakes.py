@@ -16,7 +16,9 @@ class InProcessBackend:
     def __init__(self, name: str, priority: int = 0, model: str = "m") -> None:
         self.name, self.model, self.priority = name, model, priority
 
-    async def embed(self, texts: Sequence[str], prompt_name: str | None = None) -> Embeddings:
+    async def embed(
+        self, texts: Sequence[str], prompt_name: str | None = None, timeout_s: float | None = None
+    ) -> Embeddings:
         raise NotImplementedError
 
     async def health(self) -> Health:

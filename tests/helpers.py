@@ -210,6 +210,7 @@ def cli_gateway(
     limit_fds: int | None = None,
     extra_env: dict[str, str] | None = None,
     args: tuple[str, ...] = (),
+    ready_path: str = "/ready",
 ) -> Iterator[CliGateway]:
     """The real `embedding-gateway serve` in its own process (settings through the environment), its
     output collected line by line; optionally with a low open-files limit."""
@@ -246,7 +247,7 @@ def cli_gateway(
     reader.start()
     try:
         deadline = time.monotonic() + 60
-        while not answers_200(f"{url}/ready"):
+        while not answers_200(f"{url}{ready_path}"):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"gateway did not become ready (exit {proc.poll()}): {lines[-20:]}")
             time.sleep(0.1)

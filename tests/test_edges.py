@@ -73,7 +73,8 @@ def test_tiny_and_tight_deadlines_never_trip_a_circuit(primary: LlamaCppProcess,
             tiny_codes = list(pool.map(tiny, range(60)))
             tight_codes = list(pool.map(tight, range(64)))
         assert set(tiny_codes) == {504}, tiny_codes
-        assert set(tight_codes) <= {200, 504}, tight_codes
+        # Served, cut by the deadline, or refused at once because the queue could not make it (issue 18).
+        assert set(tight_codes) <= {200, 503, 504}, tight_codes
         r = embed(gw, "minilm", "a normal request")
         assert r.status_code == 200, r.text
         assert circuits(gw) == {"a": ("closed", 0), "b": ("closed", 0)}

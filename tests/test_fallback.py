@@ -68,7 +68,9 @@ class FakeBackend(InProcessBackend):
         self._vectors = vectors
         self.calls = 0
 
-    async def embed(self, texts: Sequence[str], prompt_name: str | None = None) -> Embeddings:
+    async def embed(
+        self, texts: Sequence[str], prompt_name: str | None = None, timeout_s: float | None = None
+    ) -> Embeddings:
         self.calls += 1
         if isinstance(self._vectors, Exception):
             raise self._vectors

@@ -124,7 +124,9 @@ class Deterministic(InProcessBackend):
         self.batches: list[int] = []
         self.fail_every = fail_every
 
-    async def embed(self, texts: Sequence[str], prompt_name: str | None = None) -> Embeddings:
+    async def embed(
+        self, texts: Sequence[str], prompt_name: str | None = None, timeout_s: float | None = None
+    ) -> Embeddings:
         self.batches.append(len(texts))
         await asyncio.sleep(0.001 * (len(self.batches) % 3))  # finish out of order
         if self.fail_every and len(self.batches) % self.fail_every == 0:
@@ -184,7 +186,9 @@ async def test_hedging_takes_the_first_answer_and_cancels_the_loser() -> None:
 
 async def test_hedged_router_answers_from_the_second_backend_when_the_first_is_slow() -> None:
     class Slow(Deterministic):
-        async def embed(self, texts: Sequence[str], prompt_name: str | None = None) -> Embeddings:
+        async def embed(
+            self, texts: Sequence[str], prompt_name: str | None = None, timeout_s: float | None = None
+        ) -> Embeddings:
             await asyncio.sleep(2)
             return await super().embed(texts, prompt_name)
 
@@ -202,7 +206,9 @@ async def test_deadline_passing_gives_deadline_exceeded_not_a_hang() -> None:
     from gateway.errors import DeadlineExceeded
 
     class Stuck(Deterministic):
-        async def embed(self, texts: Sequence[str], prompt_name: str | None = None) -> Embeddings:
+        async def embed(
+            self, texts: Sequence[str], prompt_name: str | None = None, timeout_s: float | None = None
+        ) -> Embeddings:
             await asyncio.sleep(30)
             raise AssertionError("unreachable")
 

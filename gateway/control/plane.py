@@ -152,8 +152,12 @@ class ControlPlane:
         that traffic then means busy, not broken (monotonic clocks are system-wide)."""
         for st in self.runtime.states:
             f = figures.get(st.backend.name)
-            if f is not None and f["last_success_at"] > st.last_success_at:
+            if f is None:
+                continue
+            if f["last_success_at"] > st.last_success_at:
                 st.last_success_at = min(f["last_success_at"], time.monotonic())
+            if f["in_flight"]:  # calls at the backend: a probe stuck behind them means busy
+                st.busy_until = time.monotonic() + 2.5  # until the worker's next report (each second) and then some
 
     async def _answer(self, message: dict[str, Any]) -> dict[str, Any]:
         rt = self.runtime

@@ -7,6 +7,7 @@ applied here the way TEI applies them (prompt before tokenization; normalize aft
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from dataclasses import dataclass, field
@@ -32,6 +33,11 @@ class TeiConfig:
     api_key: str | None = None
     basic_auth: str | None = None  # "user:password" a reverse proxy in front of TEI asks for (Basic auth)
     max_concurrent_requests: int = 512
+    # Capacity (like a real server's compute): `slots` calls at once, each busy for `seconds_per_call` plus
+    # `seconds_per_text` per text; calls beyond the slots queue inside the server. 0 slots: unlimited.
+    slots: int = 0
+    seconds_per_call: float = 0.0
+    seconds_per_text: float = 0.0
     version: str = "1.9.3"  # >= 1.9 answers validation errors with 422, older with 413
 
 
@@ -39,6 +45,8 @@ class TeiServer(ContractServer):
     def __init__(self, upstream: str, config: TeiConfig | None = None) -> None:
         super().__init__(upstream)
         self.config = config or TeiConfig()
+        self._slots: asyncio.Semaphore | None = None
+        self.served_texts = 0
         self.contract = tei()
         self._embed_req = self.contract.request_validator("post", "/embed")
         self._embed_resp = self.contract.response_validator("post", "/embed", 200)
@@ -151,6 +159,7 @@ class TeiServer(ContractServer):
                     )
                     return self.error(self.validation_status, msg, "Validation")
                 prompted[i] = await self.truncate(text, c.max_input_length)
+        await self.compute(len(prompted))
         raw, tokens = await self.embed_upstream(prompted)
         dims = body.get("dimensions")
         if dims is not None:
@@ -166,6 +175,17 @@ class TeiServer(ContractServer):
         rows = raw.tolist()
         self._checked(self._embed_resp, rows, "/embed response")
         return json_reply(200, rows, {"x-compute-tokens": str(tokens), "x-compute-type": "cpu"})
+
+    async def compute(self, texts: int) -> None:
+        """Hold one of the server's slots for as long as `texts` texts take (queueing inside, as TEI does)."""
+        c = self.config
+        if not c.slots:
+            return
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(c.slots)
+        async with self._slots:
+            await asyncio.sleep(c.seconds_per_call + c.seconds_per_text * texts)
+            self.served_texts += texts
 
     async def openai_embed(self, req: Incoming) -> Reply:
         """TEI's OpenAI route: no prompt_name (default prompt only), always normalized, and truncation
