@@ -7,12 +7,13 @@ its recent call time for that many texts (within a floor - the configured timeou
 only a call that runs past that learned bound is a failure.
 
 Concurrency: a backend handed more calls than it can work on queues them internally, where the gateway
-cannot see or shed them. The limit starts from what the backend declares and adapts (AIMD, as TCP and
-Netflix's concurrency-limits do): while calls take about their unloaded time it creeps up (+1 per `limit`
-calls), never past the declared value (llama.cpp's slots are a hard limit); when a call takes much longer than the unloaded time for its
-size the backend is queueing, so the limit drops to what Little's law says it works on at once (calls in
-flight x unloaded time / call time; x0.8 to x0.5, at most once per unloaded call time). Extra calls then
-queue in the gateway, where their wait is known and can be refused at once.
+cannot see or shed them. The limit starts from what the backend declares (at most `START_MAX`) and
+adapts (AIMD, as TCP and Netflix's concurrency-limits do): while calls take about their unloaded time it
+creeps up (+1 per `limit` calls), never past the declared value (llama.cpp's slots are a hard limit); when
+a call takes much longer than the unloaded time for its size the backend is queueing, so the limit drops
+to what Little's law says it works on at once (calls in flight x unloaded time / call time; x0.8 to x0.5,
+at most once per unloaded call time). Extra calls then queue in the gateway, where their wait is known and
+can be refused at once.
 """
 
 from __future__ import annotations
