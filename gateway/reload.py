@@ -48,8 +48,9 @@ class Reloader:
         self._path = config_path
         self._after = after
         self.last_error: str | None = None  # why the last reload was refused
-        self._lock = asyncio.Lock()
         self.reloads = 0
+        self._running: asyncio.Task[bool] | None = None
+        self._again = False  # asked again while one ran: one follow-up reload of the latest file
 
     @property
     def runtime(self) -> Runtime:
@@ -89,42 +90,59 @@ class Reloader:
                 await self.reload()
 
     async def reload(self) -> bool:
-        """Load the file again and swap runtimes; False (old one kept) when the new config is invalid."""
+        """Load the file again and swap runtimes; False (old one kept) when the new config is invalid.
+
+        Requests (signals, `POST /v1/reload`, the file watcher) that arrive while a reload runs are merged
+        into one follow-up reload of the file as it is then, and every such caller gets its outcome: ten
+        SIGHUPs in a row are two reloads, not ten rolling restarts of every worker."""
         if self._path is None:
             return False
-        async with self._lock:
-            old = self.runtime
-            try:
-                settings = load_settings(self._path)
-            except ConfigError as exc:
-                self.last_error = " ".join(str(exc).split())
-                log.error("reload refused, the running configuration stays: %s", self.last_error)
-                return False
-            self.last_error = None
-            if settings.server != old.settings.server:
-                log.warning("reload: [server] changes take effect only after a restart")
-                settings.server = old.settings.server
-            new = Runtime(settings, metrics=old.metrics, plane=old.plane, worker_id=old.worker_id)
-            new.quotas.inherit(old.quotas)
-            if settings.cache == old.settings.cache:
-                new.cache = old.cache  # a reload keeps what is cached (the space id in each key guards it)
-            new.start(adopt=old.supervisors)
-            started = time.monotonic()
-            while not new.ready() and time.monotonic() - started < _TAKEOVER_LIMIT_S:
-                await asyncio.sleep(0.05)
-            if not new.ready():
-                log.warning(
-                    "reload: the new configuration is not ready after %.0fs; it takes over anyway", _TAKEOVER_LIMIT_S
-                )
-            self._state.runtime = new  # new requests go here from now on
-            self.reloads += 1
-            log.info(
-                "configuration reloaded from %s in %.1fs: models %s, backends %s",
-                self._path,
-                time.monotonic() - started,
-                sorted(new.profiles),
-                [st.backend.name for st in new.states],
+        self._again = True
+        if self._running is None or self._running.done():
+            self._running = asyncio.ensure_future(self._until_settled())
+        return await asyncio.shield(self._running)
+
+    async def _until_settled(self) -> bool:
+        ok = False
+        while self._again:
+            self._again = False
+            ok = await self._reload_once()
+        return ok
+
+    async def _reload_once(self) -> bool:
+        assert self._path is not None
+        old = self.runtime
+        try:
+            settings = load_settings(self._path)
+        except ConfigError as exc:
+            self.last_error = " ".join(str(exc).split())
+            log.error("reload refused, the running configuration stays: %s", self.last_error)
+            return False
+        self.last_error = None
+        if settings.server != old.settings.server:
+            log.warning("reload: [server] changes take effect only after a restart")
+            settings.server = old.settings.server
+        new = Runtime(settings, metrics=old.metrics, plane=old.plane, worker_id=old.worker_id)
+        new.quotas.inherit(old.quotas)
+        if settings.cache == old.settings.cache:
+            new.cache = old.cache  # a reload keeps what is cached (the space id in each key guards it)
+        new.start(adopt=old.supervisors)
+        started = time.monotonic()
+        while not new.ready() and time.monotonic() - started < _TAKEOVER_LIMIT_S:
+            await asyncio.sleep(0.05)
+        if not new.ready():
+            log.warning(
+                "reload: the new configuration is not ready after %.0fs; it takes over anyway", _TAKEOVER_LIMIT_S
             )
+        self._state.runtime = new  # new requests go here from now on
+        self.reloads += 1
+        log.info(
+            "configuration reloaded from %s in %.1fs: models %s, backends %s",
+            self._path,
+            time.monotonic() - started,
+            sorted(new.profiles),
+            [st.backend.name for st in new.states],
+        )
         await self._retire(old, new)
         if self._after is not None:
             await self._after()

@@ -169,6 +169,13 @@ class Parent:
                 end = time.monotonic() + _START_LIMIT_S
                 while not self.plane.serving(new.pid) and new.poll() is None and time.monotonic() < end:
                     await asyncio.sleep(0.05)
+                if not self.plane.serving(new.pid):  # never stop a worker before its successor serves
+                    log.error("reload: worker %d's successor did not start serving; the old worker stays", worker_id)
+                    if new.poll() is None:
+                        new.kill()
+                        new.wait()
+                    _forget(new.pid)
+                    continue
                 old = self.procs[worker_id]
                 self.procs[worker_id] = new
                 self._restarts.pop(worker_id, None)

@@ -184,3 +184,45 @@ def test_sighup_with_workers_replaces_them_and_keeps_serving(tmp_path: Path, tei
         gw.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: any("reload refused" in line for line in gw.lines[before:]), timeout=10)
         assert embed_url(gw.url, "still serving").status_code == 200
+
+
+def test_ten_sighups_under_load_are_at_most_two_reloads_and_refuse_nothing(
+    tmp_path: Path, tei_factory: TeiFactory
+) -> None:
+    """Issue 18, item 5: reloads that arrive while one runs merge into one follow-up reload."""
+    a_url, _ = tei_factory()
+    config = write(tmp_path / "gw.toml", [tei("a", a_url)])
+    with cli_gateway(config, args=TWO) as gw:
+        stop = time.monotonic() + 1e9
+        outcomes: list[str] = []
+
+        def load(k: int) -> None:
+            with httpx.Client(timeout=30) as c:
+                i = 0
+                while time.monotonic() < stop:
+                    try:
+                        r = c.post(f"{gw.url}/v1/embeddings", json={"model": "minilm", "input": f"load {k} {i}"})
+                        outcomes.append(str(r.status_code))
+                    except httpx.HTTPError as exc:
+                        outcomes.append(type(exc).__name__)
+                    i += 1
+
+        with ThreadPoolExecutor(4) as pool:
+            for k in range(4):
+                pool.submit(load, k)
+            for _ in range(10):
+                gw.proc.send_signal(signal.SIGHUP)
+                time.sleep(0.5)
+            wait_until(lambda: any("workers replaced after the reload" in line for line in gw.lines), timeout=60)
+            time.sleep(3)  # a follow-up reload, if one was merged, starts at once: let it finish too
+            wait_until(
+                lambda: (
+                    sum("configuration reloaded" in line for line in gw.lines)
+                    == sum("workers replaced after the reload" in line for line in gw.lines)
+                ),
+                timeout=60,
+            )
+            stop = time.monotonic()
+        reloads = sum("configuration reloaded" in line for line in gw.lines)
+        assert 1 <= reloads <= 2, [line for line in gw.lines if "reload" in line]
+        assert outcomes and set(outcomes) == {"200"}, {o: outcomes.count(o) for o in set(outcomes)}
