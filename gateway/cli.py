@@ -8,8 +8,10 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from config.settings import ConfigError, GatewaySettings, load_settings
 from gateway.workers import worker_count
@@ -93,7 +95,12 @@ async def _check(settings: GatewaySettings, *, as_json: bool, wait_s: float) -> 
             if all(st.healthy for st in runtime.states) or loop.time() >= deadline:
                 break
             await asyncio.sleep(0.5)
-        reports = await runtime.consistency.check_all()
+        # A slow backend is waited for (its calls have generous, learned timeouts), with a sign of life.
+        progress = asyncio.create_task(_progress(runtime.states, as_json))
+        try:
+            reports = await runtime.consistency.check_all()
+        finally:
+            progress.cancel()
     finally:
         await runtime.stop()
     code = 1 if any(r.disagreement for r in reports) else 2 if any(r.errors for r in reports) else 0
@@ -117,6 +124,20 @@ async def _check(settings: GatewaySettings, *, as_json: bool, wait_s: float) -> 
             }[code]
         )
     return code
+
+
+async def _progress(states: Any, quiet: bool, every_s: float = 5.0) -> None:
+    """A line on stderr every few seconds while the check waits for slow backends."""
+    started = time.monotonic()
+    while True:
+        await asyncio.sleep(every_s)
+        busy = [st.backend.name for st in states if st.in_flight or st.admission.queued]
+        if not quiet or busy:
+            print(
+                f"checking... {time.monotonic() - started:.0f}s; waiting for {', '.join(busy) or 'the verdict'}",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:

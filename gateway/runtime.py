@@ -180,7 +180,8 @@ class Runtime:
 
     def ready(self) -> bool:
         healthy, checking = self.readiness()
-        return not checking and all(healthy.values())
+        assert self.consistency is not None
+        return not checking and all(healthy.values()) and not any(self.consistency.pending(m) for m in self.profiles)
 
     def _gguf_for(self, model: str) -> Path | None:
         """The model's GGUF, when the gateway has one: configured, or a managed backend's."""

@@ -116,10 +116,28 @@ def variants(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 class RedisServer:
     url: str
     proc: subprocess.Popen[bytes]
+    command: list[str]
 
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait()
+
+    def restart(self) -> None:
+        """The same server again on the same port (data gone, as after a crash without persistence)."""
+        import redis
+
+        self.proc = subprocess.Popen(self.command, stdout=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url, socket_timeout=1)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        client.close()
 
 
 @pytest.fixture
@@ -145,9 +163,13 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
                 raise
             time.sleep(0.05)
     try:
-        yield RedisServer(f"redis://127.0.0.1:{port}/0", proc)
+        server = RedisServer(f"redis://127.0.0.1:{port}/0", proc, [binary, *args])
+        yield server
     finally:
         client.close()
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
         if proc.poll() is None:
             proc.kill()
             proc.wait()

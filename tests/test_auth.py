@@ -218,6 +218,30 @@ def test_redis_killed_mid_window_with_two_workers_never_admits_more_than_the_lim
         assert limited.status_code == 429 and limited.headers["x-ratelimit-limit-requests"] == "15"  # its share
 
 
+def test_redis_back_after_an_outage_is_one_reconnect_without_flapping(
+    primary: LlamaCppProcess, redis_server: RedisServer
+) -> None:
+    """Issue 18, item 7: after Redis came back the store flipped between unreachable and reachable 4 more
+    times over ~20 s (stale pooled connections tried one by one)."""
+    auth = {"keys": [key("shared", SLOW, rpm=100_000)], "storage": redis_server.url, "window_s": 3600}
+    with cli_gateway(settings(primary, auth), args=("--workers", "2")) as gw, ThreadPoolExecutor(8) as pool:
+
+        def burst(n: int) -> list[int]:
+            return list(pool.map(lambda i: embed(gw.url, SLOW, texts=f"t{i}").status_code, range(n)))
+
+        assert set(burst(32)) == {200}  # several pooled connections to Redis in each worker
+        redis_server.kill()
+        assert set(burst(16)) == {200}  # the local fallback
+        redis_server.restart()
+        end = time.monotonic() + 8
+        while time.monotonic() < end:
+            assert set(burst(8)) == {200}
+            time.sleep(0.2)
+        down = [line for line in gw.lines if "quota storage" in line and "unreachable" in line]
+        back = [line for line in gw.lines if "quota storage reachable again" in line]
+        assert len(down) <= 2 and len(back) == len(down), down + back  # once per worker, each way
+
+
 @pytest.mark.parametrize("fallback", ["local", "reject"])
 def test_redis_killed_mid_test_falls_back_logged_and_counted(
     primary: LlamaCppProcess, redis_server: RedisServer, fallback: str

@@ -41,13 +41,14 @@ async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     assert rt.consistency is not None
     healthy, checking = rt.readiness()
     lacking = sorted(m for m, names in healthy.items() if not names)
-    not_ready = bool(lacking or checking)
+    # Every configured backend verified or failed: one still being checked is not yet a failover target.
+    pending = {m: names for m in rt.profiles if (names := rt.consistency.pending(m))}
+    not_ready = bool(lacking or checking or pending)
     body: dict[str, Any] = {"status": "not ready" if not_ready else "ready", "models": healthy}
     if lacking:
         body["models_without_healthy_backend"] = lacking
     if checking:
         body["models_checking_agreement"] = checking
-    pending = {m: names for m in rt.profiles if (names := rt.consistency.pending(m))}
     if pending:
         body["pending_verification"] = pending
     quarantined = [st.backend.name for st in rt.states if str(st.agreement) == "disagree" and not st.shadow]

@@ -17,6 +17,7 @@ stay within what was left. Only a window nobody has a figure for starts from the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -125,6 +126,7 @@ class Quotas:
                 windows = await self._charge(self._remote, key, texts, share=1)
             except StorageError as exc:
                 self._storage_failed(exc)
+                await self._drop_connections()
             else:
                 self._note(key, windows)
                 return headers(*windows)
@@ -175,6 +177,15 @@ class Quotas:
             excess = stats.remaining - min(known) // share
             if excess > 0:
                 await self._local.hit(item, key.name, what, cost=excess)
+
+    async def _drop_connections(self) -> None:
+        """Close every pooled connection: after Redis restarts each of them is dead, and trying them one
+        by one made the store flip between unreachable and reachable for 20 s. The next try connects anew."""
+        client = getattr(getattr(self._storage, "bridge", None), "storage", None)
+        pool = getattr(client, "connection_pool", None)
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                await pool.disconnect()
 
     def _storage_failed(self, exc: StorageError) -> None:
         self._down_until = time.monotonic() + _RETRY_SHARED_S
@@ -253,6 +264,7 @@ class Quotas:
                     out[what] = await self._window(limiter, item, key, what)
                 except StorageError as exc:
                     self._storage_failed(exc)
+                    await self._drop_connections()
         return out
 
 

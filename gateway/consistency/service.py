@@ -130,7 +130,14 @@ class ConsistencyService:
         return not self.settings.enabled or event is None or event.is_set()
 
     def pending(self, model: str) -> list[str]:
-        return [st.backend.name for st in self._by_model.get(model, []) if st.agreement is Verdict.PENDING]
+        """Backends still waiting for their verdict (not those known to be down: they are failed, not pending)."""
+        if not self.settings.enabled:
+            return []
+        return [
+            st.backend.name
+            for st in self._by_model.get(model, [])
+            if st.agreement is Verdict.PENDING and st.healthy is not False and not st.shadow
+        ]
 
     async def rescue(self, model: str, deadline: Deadline) -> bool:
         """Every compatible backend failed: verify healthy pending ones now, within `deadline`.
@@ -228,11 +235,17 @@ class ConsistencyService:
 
     async def _loop(self, model: str) -> None:
         await self._first_health(model)
+        soon = 0  # checks in a row that left the model without a verdict: retried within seconds, not minutes
         while True:
             try:
                 await self.check(model)
                 if self.errors.pop(model, None) is not None:
                     log.info("model %s: agreement checks run again", model)
+                unsettled = self.space_id(model) is None or any(
+                    st.agreement is Verdict.PENDING and st.healthy is not False and not st.shadow
+                    for st in self._by_model[model]
+                )
+                soon = soon + 1 if unsettled else 0
             except Exception as exc:
                 # Never silent: a model left pending with no trace is the worst outcome. Once per cause.
                 message = f"agreement check failed: {type(exc).__name__}: {exc}"
@@ -242,9 +255,11 @@ class ConsistencyService:
                 for st in self._by_model[model]:
                     if st.agreement is Verdict.PENDING:
                         st.agreement_detail = message
+                soon += 1
             wanted = self._wanted[model]
+            wait = min(self.settings.interval_s, 2.0 * 2 ** min(soon, 8)) if soon else self.settings.interval_s
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wanted.wait(), timeout=self.settings.interval_s)
+                await asyncio.wait_for(wanted.wait(), timeout=wait)
             wanted.clear()
 
     async def _first_health(self, model: str, limit_s: float = 30.0) -> None:
