@@ -7,10 +7,13 @@ from __future__ import annotations
 import contextlib
 import re
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -160,3 +163,26 @@ def test_clients_leaving_big_requests_cost_the_next_request_little_and_the_backe
         wait_until(lambda: backend_view(gw.url)["in_flight"] == 0, timeout=60)
         view = backend_view(gw.url)
         assert view["failures"] == 0 and view["healthy"] and view["circuit"] == "closed", view
+
+
+def test_the_deploy_gate_waits_for_a_slow_backend_and_gives_its_verdict(
+    tmp_path: Path, primary: LlamaCppProcess, tei_factory: TeiFactory
+) -> None:
+    """Issue 18: on a busy machine `check` answered "timed out", exit 2 - no verdict exactly when needed. A
+    backend slower than the old per-call timeouts (7 s a call) is waited for, with a progress line."""
+    url, _ = tei_factory(slots=1, seconds_per_call=7.0)
+    config = tmp_path / "gate.toml"
+    config.write_text(
+        '[[models]]\nname = "minilm"\nprofile = "all-minilm-l6-v2"\n'
+        f'[[backends]]\nname = "llama"\nkind = "llamacpp"\nmodel = "minilm"\nurl = "{primary.url}"\n'
+        f'[[backends]]\nname = "slow"\nkind = "tei"\nmodel = "minilm"\nurl = "{url}"\npriority = 1\n'
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[1],
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "all backends agree" in r.stdout and "checking... " in r.stderr and "waiting for slow" in r.stderr
