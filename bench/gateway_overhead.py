@@ -11,6 +11,8 @@ backend costs almost nothing and the gateway's own cost shows. Phases, all in on
 - `--rss`: resident memory of every gateway process after 10k and after 100k requests;
 - `--auth`: the 1-worker gateway again with caller keys and quotas, counted in memory and in a real
   Redis (Debian's redis-server), against auth off (the plain 1-worker phase) in the same run.
+- `--tokenizer`: the 1-worker gateway with a model tokenizer (counting every input, enforcing the length
+  policy) against none, for one short text and for 256 texts of 200 characters, in the same run.
 
     make bench                      # or: python bench/gateway_overhead.py --duration 10 --litellm --rss
 Needs Debian's nginx and wrk (`apt-get install nginx-light wrk`); not part of `make test`.
@@ -43,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from backends.managed.process import free_port  # noqa: E402
 from bench.cli_gateway import wait_ready  # noqa: E402
+from gateway.tokens import builtin_tokenizer  # noqa: E402
 
 NGINX_CONF = """
 worker_processes 1;
@@ -59,6 +62,8 @@ http {{
     # nginx refuses POST on static files (405); error_page re-serves the file as a GET.
     location / {{ root {dir}; try_files /body.json =404; error_page 405 =200 /body.json; }}
     location = /body.json {{ root {dir}; }}
+    location /many/ {{ root {dir}; try_files /body256.json =404; error_page 405 =200 /body256.json; }}
+    location = /body256.json {{ root {dir}; }}
   }}
 }}
 """
@@ -71,16 +76,22 @@ wrk.body = '{"model": "bench", "input": ["The quick brown fox jumps over the laz
 """
 
 
-def stub_body(dim: int = 1024) -> bytes:
+def stub_body(dim: int = 1024, rows: int = 1) -> bytes:
     vec = np.random.default_rng(0).normal(size=dim).astype(np.float32)
     vec /= np.linalg.norm(vec)
     body = {
         "object": "list",
         "model": "stub",
         "usage": {"prompt_tokens": 12, "total_tokens": 12},
-        "data": [{"object": "embedding", "index": 0, "embedding": vec.tolist()}],
+        "data": [{"object": "embedding", "index": i, "embedding": vec.tolist()} for i in range(rows)],
     }
     return json.dumps(body).encode()
+
+
+LUA_256 = LUA.replace(
+    '"input": ["The quick brown fox jumps over the lazy dog."]',
+    '"input": [' + ", ".join(['"' + ("A long document about the sea and the sky, " * 5)[:200] + '"'] * 256) + "]",
+)
 
 
 def wrk(url: str, lua: Path, duration: int, connections: int, threads: int) -> dict[str, float]:
@@ -229,10 +240,12 @@ def process(cmd: list[str], url: str, ready_path: str, env: dict[str, str] | Non
             proc.wait()
 
 
-def measure(name: str, url: str, pid: int, lua: Path, args: argparse.Namespace, rss: bool = False) -> Result:
+def measure(
+    name: str, url: str, pid: int, lua: Path, args: argparse.Namespace, rss: bool = False, texts: int = 1
+) -> Result:
     endpoint = f"{url}/v1/embeddings"
     auth = {"Authorization": f"Bearer {LITELLM_KEY}"}
-    check = httpx.post(endpoint, json={"model": "bench", "input": "x"}, headers=auth, timeout=30).json()
+    check = httpx.post(endpoint, json={"model": "bench", "input": ["x"] * texts}, headers=auth, timeout=30).json()
     assert len(check["data"][0]["embedding"]) == 1024, check
     wrk(endpoint, lua, 2, args.connections, args.threads)  # warm up
     before = tree_cpu(pid)
@@ -266,6 +279,7 @@ def main() -> int:
     ap.add_argument("--rss", action="store_true", help="RSS per process after 10k and 100k requests")
     ap.add_argument("--auth", action="store_true", help="also auth + memory quotas and auth + Redis quotas")
     ap.add_argument("--profile", help="write a py-spy collapsed-stack profile of the 1-worker gateway here")
+    ap.add_argument("--tokenizer", action="store_true", help="also with a model tokenizer vs none, 1 and 256 texts")
     args = ap.parse_args()
     for tool in ("nginx", "wrk"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
@@ -275,6 +289,9 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="eg-bench-"))
     work.chmod(0o755)  # nginx workers run unprivileged and must read body.json
     (work / "body.json").write_bytes(stub_body())
+    (work / "body256.json").write_bytes(stub_body(rows=256))
+    lua256 = work / "post256.lua"
+    lua256.write_text(LUA_256.replace("{key}", LITELLM_KEY))
     lua = work / "post.lua"
     lua.write_text(LUA.replace("{key}", LITELLM_KEY))
     stub_port = free_port()
@@ -315,6 +332,27 @@ def main() -> int:
                 results.append(measure(f"gateway w{workers}{suffix}", url, pid, lua, args, rss=rss))
                 if spy is not None:
                     spy.wait(timeout=60)
+        if args.tokenizer:
+            tok = builtin_tokenizer("all-minilm-l6-v2")  # any tokenizer.json: the cost is the mechanism's
+            for suffix, script, stub_path, extra, n in (
+                (" 1 text, no tokenizer", lua, "", "", 1),
+                (" 1 text, tokenizer", lua, "", f'tokenizer = "{tok}"\n', 1),
+                (" 256 texts, no tokenizer", lua256, "/many", "", 256),
+                (" 256 texts, tokenizer", lua256, "/many", f'tokenizer = "{tok}"\n', 256),
+            ):
+                port = free_port()
+                config = work / f"gateway-tok-{port}.toml"
+                text = GATEWAY_CONFIG.format(port=port, stub=stub_port).replace(
+                    f"127.0.0.1:{stub_port}", f"127.0.0.1:{stub_port}{stub_path}"
+                )
+                text = text.replace('profile = "jina', extra + 'profile = "jina')
+                config.write_text(
+                    text + ("[resilience]\nbatch_size = 256  # one call: the stub answers 256 rows\n" if n > 1 else "")
+                )
+                cmd = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)]
+                url = f"http://127.0.0.1:{port}"
+                with process(cmd, url, "/ready") as pid:
+                    results.append(measure(f"gateway w1{suffix}", url, pid, script, args, texts=n))
         if litellm is not None:
             port = free_port()
             (work / "litellm.yaml").write_text(LITELLM_CONFIG.format(stub=stub_port))
@@ -386,6 +424,13 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
                     f"{name} vs litellm w2: req/s x{g.load['rps'] / lite.load['rps']:.1f}, "
                     f"CPU per request x{(lite.cpu_ms or 0) / (g.cpu_ms or 1):.1f} less"
                 )
+    for texts in ("1 text", "256 texts"):
+        off, on = by.get(f"gateway w1 {texts}, no tokenizer"), by.get(f"gateway w1 {texts}, tokenizer")
+        if off is not None and on is not None:
+            print(
+                f"tokenizer on vs off, {texts}: CPU per request x{(on.cpu_ms or 0) / (off.cpu_ms or 1):.3f} "
+                f"({off.cpu_ms or 0:.3f} -> {on.cpu_ms or 0:.3f} ms), req/s x{on.load['rps'] / off.load['rps']:.3f}"
+            )
     if args.profile:
         print(f"profile of gateway w1 (self time, top 15) from {args.profile}:")
         for share, frame in top_frames(Path(args.profile)):
