@@ -116,9 +116,18 @@ class ModelConfig(BaseModel):
     space: Path | None = Field(
         None, description="a pinned space file (embedding-gateway space record), relative to the config file"
     )
+    tokenizer: Path | None = Field(
+        None,
+        description="the model's tokenizer.json, relative to the config file (default: the built-in profile's, "
+        "where the gateway has the model's files)",
+    )
+    truncate: Literal["none", "right", "left"] = Field(
+        "none", description="inputs over max_input_tokens: refused (none), or cut keeping their start or end"
+    )
 
     _resolved: ModelProfile | None = PrivateAttr(None)
     _space: Any = PrivateAttr(None)  # the loaded pinned space (gateway.consistency.space.Space)
+    _tokenizer: Any = PrivateAttr(None)  # the loaded tokenizer (gateway.tokens.ModelTokenizer) or None
 
     @model_validator(mode="after")
     def _resolve(self) -> ModelConfig:
@@ -128,7 +137,8 @@ class ModelConfig(BaseModel):
                 raise ValueError(f"unknown profile {self.profile!r}; built-in profiles: {sorted(BUILTIN_PROFILES)}")
             base = BUILTIN_PROFILES[self.profile].model_dump()
         overrides = self.model_dump(
-            exclude={"name", "profile", "reference", "reference_gguf", "space"}, exclude_none=True
+            exclude={"name", "profile", "reference", "reference_gguf", "space", "tokenizer", "truncate"},
+            exclude_none=True,
         )
         # New prompts invalidate the profile's default unless it still names one of them.
         if (
@@ -251,9 +261,31 @@ def load_settings(path: Path | str | None, *, load_spaces: bool = True) -> Gatew
         raise ConfigError(_describe(exc, path)) from None
     finally:
         _CURRENT_FILE_DATA = None
+    resolve_tokenizers(settings, path)
     if load_spaces:
         load_spaces_of(settings, path)
     return settings
+
+
+def resolve_tokenizers(settings: GatewaySettings, path: Path | None) -> None:
+    """Each model's tokenizer.json (relative to the config file, or the built-in profile's); a file that is
+    missing or does not load stops start-up naming the field."""
+    from gateway.tokens import ModelTokenizer, builtin_tokenizer
+
+    base = path.parent if path is not None else Path.cwd()
+    for i, m in enumerate(settings.models):
+        given = m.tokenizer
+        found = (base / given.expanduser()).resolve() if given is not None else builtin_tokenizer(m.profile)
+        if found is None:
+            continue
+        try:
+            m._tokenizer = ModelTokenizer(found)
+        except Exception as exc:  # the Rust library raises its own types for unreadable files
+            raise ConfigError(
+                f"invalid configuration ({path or 'environment'}):\n  models[{i}].tokenizer: cannot load {found}: "
+                f"{' '.join(str(exc).split())[:200]}"
+            ) from None
+        m.tokenizer = found
 
 
 def load_spaces_of(settings: GatewaySettings, path: Path | None) -> None:

@@ -80,6 +80,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 async def _check(settings: GatewaySettings, *, as_json: bool, wait_s: float) -> int:
     from gateway.consistency.report import render
     from gateway.runtime import Runtime
+    from gateway.tokens import tokenizer_of
 
     # A deploy gate is not latency-critical: on a busy machine a slow answer is an answer, not a failure.
     settings.resilience.health_timeout_s = max(settings.resilience.health_timeout_s, 15.0)
@@ -111,9 +112,18 @@ async def _check(settings: GatewaySettings, *, as_json: bool, wait_s: float) -> 
             "produces now. In production record one (embedding-gateway space record) and set [[models]] space.",
             file=sys.stderr,
         )
+    tokenizers = {m.name: str(t.path) if (t := tokenizer_of(m)) is not None else None for m in settings.models}
+    untokenized = [name for name, path in tokenizers.items() if path is None]
+    if untokenized and not as_json:
+        print(
+            f"warning: models {untokenized} have no tokenizer ([[models]] tokenizer): the gateway cannot count, "
+            "limit or truncate their inputs, so each backend applies its own length rules",
+            file=sys.stderr,
+        )
     if as_json:
         result = {0: "agree", 1: "disagree", 2: "error"}[code]
-        print(json.dumps({"result": result, "exit_code": code, "models": [r.to_dict() for r in reports]}, indent=2))
+        body = {"result": result, "exit_code": code, "tokenizers": tokenizers, "models": [r.to_dict() for r in reports]}
+        print(json.dumps(body, indent=2))
     else:
         print(render(reports))
         print(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# OpenAI's words for an over-long input: Elasticsearch's `openai` service truncates and retries when it reads them.
+REDUCE_PHRASE = "Please reduce your prompt; or completion length."
+
 
 class GatewayError(Exception):
     status_code: int = 500
@@ -45,6 +48,14 @@ class AmbiguousCredentials(GatewayError):
 
     status_code = 400
     code = "ambiguous_credentials"
+
+
+class InputOverLimit(GatewayError):
+    """An input longer than the model's limit, counted with its tokenizer: refused before any backend is
+    called (413 on TEI's routes, see api/errors.dialect_status)."""
+
+    status_code = 400
+    code = "input_too_long"
 
 
 class PayloadTooLarge(GatewayError):

@@ -29,6 +29,7 @@ class EmbedRequest:
     dimensions: int | None = None
     encoding: Encoding = "float"
     cache: str = "use"  # use | refresh (cache-control: no-cache) | off (no-store)
+    truncate: str | None = None  # none | right | left; None: the model's `truncate` setting
 
 
 @dataclass(frozen=True, slots=True)

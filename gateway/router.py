@@ -23,7 +23,7 @@ import numpy as np
 
 from backends.errors import BackendError, BackendUnavailable, InputRejected, InputTooLong, PayloadTooLarge
 from gateway.calls import BackendCalls
-from gateway.errors import DeadlineExceeded, NoBackendAvailable, Overloaded
+from gateway.errors import REDUCE_PHRASE, DeadlineExceeded, InputOverLimit, NoBackendAvailable, Overloaded
 from gateway.metrics import Metrics
 from gateway.pipeline import Prompt
 from gateway.resilience.balance import AttemptPlan, queue_eta_s
@@ -103,29 +103,40 @@ class Router:
         return Deadline(min(seconds, self.policy.request_timeout_s) if seconds else self.policy.request_timeout_s)
 
     async def embed(
-        self, model: str, texts: list[str], prompt: Prompt = NO_PROMPT, deadline: Deadline | None = None
+        self,
+        model: str,
+        texts: list[str],
+        prompt: Prompt = NO_PROMPT,
+        deadline: Deadline | None = None,
+        longest: int | None = None,
     ) -> Routed:
-        """Embed `texts` (without prompt) on the model's compatible backends; vectors in input order."""
+        """Embed `texts` (without prompt) on the model's compatible backends; vectors in input order.
+        `longest`: the most tokens of any input (the model's tokenizer counted them): only backends whose
+        declared input limit covers it are used - never one that would truncate or refuse it."""
         deadline = deadline or self.deadline()
         if self._gate is not None:
             await self._gate(model, deadline.remaining())
         try:
-            routed = await self._route(model, texts, prompt, deadline)
+            routed = await self._route(model, texts, prompt, deadline, longest)
         except NoBackendAvailable:
             if deadline.expired or self._rescue is None or not await self._rescue(model, deadline):
                 raise
             log.info("model %s: a newly verified backend takes over the request", model)
-            routed = await self._route(model, texts, prompt, deadline)
+            routed = await self._route(model, texts, prompt, deadline, longest)
         self._metrics.inputs_served(model, len(texts))  # texts served, not texts asked for
         return routed
 
-    async def _route(self, model: str, texts: list[str], prompt: Prompt, deadline: Deadline) -> Routed:
+    async def _route(
+        self, model: str, texts: list[str], prompt: Prompt, deadline: Deadline, longest: int | None = None
+    ) -> Routed:
         if deadline.expired:
             raise DeadlineExceeded(f"the request's deadline passed before model {model!r} could be called")
         members = self.members(model)
         if not members:
             reason = self._explain(model) or f"model {model!r} has no compatible backend in service"
             raise NoBackendAvailable(reason, retry_after=self.policy.retry_after_cap_s)
+        if longest is not None:
+            members = self._covering(model, members, longest)
         slices = split(texts, self._chunk_size(members), self._token_budget(members))
         self._shed_if_late(model, members, slices, deadline)
         if len(slices) == 1:
@@ -172,6 +183,25 @@ class Router:
                 "x-request-timeout",
                 retry_after=min(60.0, max(1.0, ahead)),
             )
+
+    def _covering(self, model: str, members: list[BackendState], longest: int) -> list[BackendState]:
+        """The members whose declared input limit covers `longest` tokens; none: 503 when a configured backend
+        of the model would cover it (it is out now), 400 when none would."""
+        covering = [st for st in members if (limit := st.input_limit()) is None or limit >= longest]
+        if covering:
+            return covering
+        limits = {st.backend.name: st.input_limit() for st in self._by_model.get(model, [])}
+        if any(limit is None or limit >= longest for limit in limits.values()):
+            raise NoBackendAvailable(
+                f"an input of {longest} tokens needs a backend that takes that many; the ones serving model "
+                f"{model!r} now take at most {limits} tokens, and the others are out",
+                retry_after=self.policy.retry_after_cap_s,
+            )
+        raise InputOverLimit(
+            f"{REDUCE_PHRASE} An input is {longest} tokens long; every backend of model {model!r} takes fewer "
+            f"({limits}). Send a shorter text, or ask for truncation",
+            param="input",
+        )
 
     def _chunk_size(self, members: list[BackendState]) -> int:
         return min([self.policy.batch_size] + [x for st in members if (x := st.batch_limit())])

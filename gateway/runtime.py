@@ -29,6 +29,7 @@ from gateway.router import Router, RoutingPolicy
 from gateway.service import EmbeddingService
 from gateway.shadow import Shadows
 from gateway.state import BackendState
+from gateway.tokens import LengthPolicy, tokenizer_of
 
 if TYPE_CHECKING:
     from gateway.control.client import PlaneClient
@@ -135,6 +136,7 @@ class Runtime:
             spaces={m.name: m._space for m in self.settings.models if m._space is not None},
             metrics=self.metrics,
             on_verdicts=lambda: self.cache.sync(self.states),
+            tokenizers={m.name: tokenizer_of(m) for m in self.settings.models},
         )
         router = Router(
             self.states,
@@ -149,7 +151,12 @@ class Runtime:
         )
         self.shadows = Shadows(self.states, calls, self.metrics)
         self._service = EmbeddingService(
-            self.profiles, router, space_of=self.consistency.space_id, shadows=self.shadows, cache=self.cache
+            self.profiles,
+            router,
+            space_of=self.consistency.space_id,
+            shadows=self.shadows,
+            cache=self.cache,
+            lengths={m.name: LengthPolicy(tokenizer_of(m), m.truncate) for m in self.settings.models},
         )
         self.health = HealthMonitor(
             self.states,
@@ -227,4 +234,6 @@ class Runtime:
             headers["x-embedding-cache"] = result.cache
         if result.space_id is not None:
             headers["x-embedding-space"] = result.space_id
+        if result.truncated:
+            headers["x-embedding-truncated"] = str(result.truncated)
         return headers

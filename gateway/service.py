@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -9,7 +10,7 @@ import numpy as np
 
 from config.profiles import ModelProfile
 from gateway.cache.store import EmbeddingCache, cache_key
-from gateway.errors import ModelNotFound
+from gateway.errors import REDUCE_PHRASE, InputOverLimit, ModelNotFound
 from gateway.pipeline import (
     EmbedRequest,
     Prompt,
@@ -22,6 +23,7 @@ from gateway.pipeline import (
 from gateway.resilience.deadline import Deadline
 from gateway.router import Router
 from gateway.shadow import Shadows
+from gateway.tokens import LengthPolicy, OverLimit
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +32,7 @@ class EmbedResult:
     backends: tuple[str, ...]
     prompt_tokens: int
     space_id: str | None = None  # the embedding space the vectors belong to (x-embedding-space)
+    truncated: int = 0  # inputs the gateway cut to the model's limit (x-embedding-truncated)
     after: Callable[[], Awaitable[None]] | None = None  # to run once the client has its answer (shadows)
     cache: str | None = None  # hit | partial | miss (x-embedding-cache); None: the cache was not used
 
@@ -42,8 +45,10 @@ class EmbeddingService:
         space_of: Callable[[str], str | None] = lambda _model: None,
         shadows: Shadows | None = None,
         cache: EmbeddingCache | None = None,
+        lengths: dict[str, LengthPolicy] | None = None,
     ) -> None:
         self.profiles = profiles
+        self.lengths = lengths or {}
         self.router = router
         self._space_of = space_of
         self.shadows = shadows
@@ -62,16 +67,19 @@ class EmbeddingService:
         profile = self.profile(req.model)
         prompt = resolve_prompt(profile, req.prompt_name)
         dims = resolve_dimensions(profile, req.dimensions)
+        req, counts, truncated = self._fit(req, profile, prompt)
         deadline = self.router.deadline(timeout_s)
         space = self._space_of(req.model)
         cache = self.cache if self.cache is not None and self.cache.enabled and space is not None else None
         if cache is None or req.cache == "off":
-            routed = await self.router.embed(req.model, req.texts, prompt, deadline)
+            routed = await self.router.embed(req.model, req.texts, prompt, deadline, _longest(counts, None))
             unit = _full(routed.vectors, profile)
             backends, tokens, state = routed.backends, self._tokens(routed.prompt_tokens, prompt, req.texts), None
         else:
             assert space is not None  # no space (first check still running): nothing is cached
-            unit, backends, tokens, state = await self._cached(cache, space, req, profile, prompt, deadline)
+            unit, backends, tokens, state = await self._cached(cache, space, req, profile, prompt, deadline, counts)
+        if counts is not None:  # the model's tokenizer counted them: backends' counts are not trusted
+            tokens = sum(counts)
         after = None
         if self.shadows is not None and self.shadows.wanted(req.model):
             shadows, texts, served = self.shadows, req.texts, unit.astype(np.float64)
@@ -80,7 +88,35 @@ class EmbeddingService:
                 shadows.compare(req.model, texts, prompt, served)
 
         vectors = finish(unit, profile, dims)
-        return EmbedResult(vectors, backends, tokens, space, after, state)
+        return EmbedResult(vectors, backends, tokens, space, after=after, cache=state, truncated=truncated)
+
+    def _fit(
+        self, req: EmbedRequest, profile: ModelProfile, prompt: Prompt
+    ) -> tuple[EmbedRequest, list[int] | None, int]:
+        """The length policy, before any backend is called: every input counted with the model's tokenizer
+        (prompt and special tokens included), one over the limit refused or - asked for - cut at a token
+        boundary, the same cut text for every backend. (request, tokens of each input, inputs cut)."""
+        policy = self.lengths.get(req.model)
+        if policy is None or policy.tokenizer is None:
+            return req, None, 0
+        direction = req.truncate if req.truncate is not None else policy.truncate
+        try:
+            fitted = policy.tokenizer.fit(
+                prompt.prefix,
+                req.texts,
+                profile.max_input_tokens,
+                None if direction == "none" else direction,  # type: ignore[arg-type]
+            )
+        except OverLimit as exc:
+            raise InputOverLimit(
+                f"{REDUCE_PHRASE} Input {exc.index} is {exc.tokens} tokens long (with the model's prompt and special "
+                f"tokens); model {req.model!r} takes at most {exc.limit}. Send a shorter text, or ask for truncation "
+                "(`truncate: true`, `truncation_direction`: right or left)",
+                param="input",
+            ) from None
+        if fitted.cut:
+            req = dataclasses.replace(req, texts=fitted.texts)
+        return req, fitted.tokens, fitted.cut
 
     async def _cached(
         self,
@@ -90,6 +126,7 @@ class EmbeddingService:
         profile: ModelProfile,
         prompt: Prompt,
         deadline: Deadline,
+        counts: list[int] | None,
     ) -> tuple[np.ndarray, tuple[str, ...], int, str]:
         """Hits from the cache, misses from the backends, in input order; what the backends made is stored."""
         keys = [cache_key(space, prompt, t) for t in req.texts]
@@ -102,7 +139,7 @@ class EmbeddingService:
             matrix = np.stack(found)  # type: ignore[arg-type]
             return matrix, (), estimate_tokens(prompt.apply(req.texts)), "hit"
         texts = [req.texts[i] for i in missing]
-        routed = await self.router.embed(req.model, texts, prompt, deadline)
+        routed = await self.router.embed(req.model, texts, prompt, deadline, _longest(counts, missing))
         fresh = _full(routed.vectors, profile)
         await cache.put_many([keys[i] for i in missing], fresh, routed.backends)
         tokens = self._tokens(routed.prompt_tokens, prompt, texts)
@@ -118,6 +155,13 @@ class EmbeddingService:
     @staticmethod
     def _tokens(counted: int | None, prompt: Prompt, texts: list[str]) -> int:
         return counted if counted is not None else estimate_tokens(prompt.apply(texts))
+
+
+def _longest(counts: list[int] | None, which: list[int] | None) -> int | None:
+    """The most tokens among the inputs sent (all, or those at indexes `which`): who may embed them."""
+    if counts is None:
+        return None
+    return max(counts) if which is None else max(counts[i] for i in which)
 
 
 def _full(vectors: np.ndarray, profile: ModelProfile) -> np.ndarray:

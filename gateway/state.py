@@ -84,6 +84,11 @@ class BackendState:
         """Down for connection or time reasons (not for what it answers): not worth waiting on."""
         return self.healthy is False and self.last_check_error_kind in ("unavailable", "timeout", "misconfigured")
 
+    def input_limit(self) -> int | None:
+        """Most tokens per input the backend declared it takes (TEI's max_input_length, llama.cpp's context
+        per slot...); None when it did not say."""
+        return self.info.max_input_tokens if self.info is not None else None
+
     def batch_limit(self) -> int | None:
         """Most texts per call: the configured `max_batch_size` or what the backend reported, lower wins."""
         configured = getattr(getattr(self.backend, "config", None), "max_batch_size", None)

@@ -76,6 +76,7 @@ def backends_view(rt: Runtime, workers: list[dict[str, Any]] | None = None, coun
             "queued": st.admission.queued,
             "concurrency_limit": st.admission.limit,
             "declared_concurrency": st.capacity.declared,
+            "max_input_tokens": st.input_limit(),  # as the backend declares it; longer inputs never go there
             "call_timeout_1_s": round(rt.service.router.calls.call_timeout(st, 1), 3),
             "requests": st.requests,
             "failures": st.failures,

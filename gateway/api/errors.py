@@ -18,7 +18,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
 from backends.errors import BackendError, InputRejected, InputTooLong
-from gateway.errors import GatewayError, NoBackendAvailable, RateLimited, Unauthenticated
+from gateway.errors import REDUCE_PHRASE, GatewayError, NoBackendAvailable, RateLimited, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ _TEI_TYPES = {
 }
 
 
-_REDUCE = "Please reduce your prompt; or completion length."
+_REDUCE = REDUCE_PHRASE
 
 
 class Dialect(Enum):

@@ -83,7 +83,22 @@ def parse_texts(value: Any, param: str, max_inputs: int) -> list[str]:
             continue
         if isinstance(item, (int, list)) and not isinstance(item, bool):
             raise InvalidRequest(
-                f"`{param}` contains token ids; token arrays are not supported, send text strings", param=param
+                f"`{param}` contains token ids; token arrays are not supported (they are ids of another model's "
+                "vocabulary, and decoding them would embed garbage): send text strings. LangChain sends tiktoken "
+                "ids by default: OpenAIEmbeddings(check_embedding_ctx_length=False)",
+                param=param,
             )
         raise InvalidRequest(f"`{param}[{i}]` must be a string, got {type(item).__name__}", param=param)
     return value
+
+
+def truncation(truncate: bool | None, direction: str | None) -> str | None:
+    """A request's truncation: "none" (refuse what is too long), "right"/"left" (cut), None (the model's
+    `truncate` setting). TEI's and the /v1/embeddings extension's fields alike."""
+    if direction is not None and direction.lower() not in ("right", "left"):
+        raise InvalidRequest("truncation_direction must be 'right' or 'left'", param="truncation_direction")
+    if truncate is None:
+        return None
+    if not truncate:
+        return "none"
+    return direction.lower() if direction is not None else "right"

@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 import orjson
 
-from gateway.api.inputs import decode_body, parse_texts
+from gateway.api.inputs import decode_body, parse_texts, truncation
 from gateway.errors import InvalidRequest
 from gateway.pipeline import EmbedRequest
 from gateway.runtime import Runtime
@@ -22,6 +22,8 @@ class OpenAIEmbeddingRequest(msgspec.Struct):
     dimensions: int | None = None
     user: str | None = None
     prompt_name: str | None = None  # extension: "document" | "query" (the model's prompts)
+    truncate: bool | None = None  # extension (as TEI's): cut inputs over the model's limit instead of refusing
+    truncation_direction: str | None = None  # extension: "right" (keep the start, default) | "left"
 
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
@@ -37,7 +39,8 @@ def to_request(body: bytes, max_inputs: int) -> EmbedRequest:
             f"encoding_format {encoding!r} is not supported; use 'float' or 'base64'", param="encoding_format"
         )
     texts = parse_texts(req.input, "input", max_inputs)
-    return EmbedRequest(req.model, texts, req.prompt_name, req.dimensions, encoding)  # type: ignore[arg-type]
+    cut = truncation(req.truncate, req.truncation_direction)
+    return EmbedRequest(req.model, texts, req.prompt_name, req.dimensions, encoding, truncate=cut)  # type: ignore[arg-type]
 
 
 def render(result: EmbedResult, req: EmbedRequest) -> bytes:

@@ -73,6 +73,9 @@ def _model_entry(rt: Runtime, name: str) -> dict[str, Any]:
         "prompts": p.prompts,
         "default_prompt_name": p.default_prompt_name,
         "max_input_tokens": p.max_input_tokens,
+        # The tokenizer that counts, limits and cuts this model's inputs (null: none known; inputs go as sent).
+        "tokenizer": str(tok.path) if (tok := rt.service.lengths[name].tokenizer) is not None else None,
+        "truncate": rt.service.lengths[name].truncate,
     }
 
 
@@ -140,7 +143,8 @@ async def info(request: Request[Any, Any, Any]) -> dict[str, Any]:
         "max_batch_tokens": max_inputs * p.max_input_tokens,
         "max_batch_requests": None,
         "max_client_batch_size": max_inputs,
-        "auto_truncate": False,  # the gateway never truncates: every backend gets the whole input
+        # True when the model is configured to cut over-long inputs (`truncate`); a request may still ask.
+        "auto_truncate": rt.service.lengths[name].truncate != "none",
         "tokenization_workers": 1,
         "version": "embedding-gateway",
         "served_model_name": name,

@@ -26,6 +26,8 @@ class OpenAIEmbeddingRequest(msgspec.Struct):
     dimensions: int | None = None
     user: str | None = None
     prompt_name: str | None = msgspec.field(default=None)  # extension: one of the model's prompts
+    truncate: bool | None = None  # extension: cut an input over the model's limit instead of refusing it
+    truncation_direction: Literal["right", "left", "Right", "Left"] | None = None  # extension: which end goes
 
 
 class TEIEmbedRequest(msgspec.Struct):

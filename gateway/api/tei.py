@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 import orjson
 
-from gateway.api.inputs import decode_body, parse_texts
+from gateway.api.inputs import decode_body, parse_texts, truncation
 from gateway.errors import InvalidRequest
 from gateway.pipeline import EmbedRequest
 from gateway.runtime import Runtime
@@ -32,10 +32,9 @@ def to_request(body: bytes, default_model: str, max_inputs: int) -> EmbedRequest
             "backend yields the same embedding space; omit `normalize`",
             param="normalize",
         )
-    if req.truncation_direction is not None and req.truncation_direction.lower() not in ("right", "left"):
-        raise InvalidRequest("truncation_direction must be 'right' or 'left'", param="truncation_direction")
+    cut = truncation(req.truncate, req.truncation_direction)
     texts = parse_texts(req.inputs, "inputs", max_inputs)
-    return EmbedRequest(req.model or default_model, texts, req.prompt_name, req.dimensions, "float")
+    return EmbedRequest(req.model or default_model, texts, req.prompt_name, req.dimensions, "float", truncate=cut)
 
 
 def parse(body: bytes, runtime: Runtime) -> EmbedRequest:

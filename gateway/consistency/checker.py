@@ -35,15 +35,17 @@ from backends.errors import (
 from config.profiles import ModelProfile
 from gateway.calls import BackendCalls, Purpose
 from gateway.consistency.pooling import POOLINGS, reproduce
-from gateway.consistency.probes import Probe, probe_set
+from gateway.consistency.probes import Probe, limit_probes, probe_set
 from gateway.consistency.report import BackendResult, Finding, Report, Verdict
 from gateway.consistency.space import Space
 from gateway.errors import DeadlineExceeded
 from gateway.metrics import Metrics
 from gateway.resilience.deadline import Deadline
 from gateway.state import BackendState
+from gateway.tokens import ModelTokenizer
 
 log = logging.getLogger(__name__)
+
 
 # Checks are not latency-critical: on a busy machine a verdict late beats no verdict ("could not be
 # checked"). Generous timeouts, and retries of transient failures before giving up on a backend.
@@ -86,8 +88,10 @@ class Checker:
         only: set[str] | None = None,
         space: Space | None = None,
         probes: list[Probe] | None = None,
+        tokenizer: ModelTokenizer | None = None,
     ) -> None:
         self.model = model
+        self.tokenizer = tokenizer  # the model's: probes at its limit, and where a backend truncates
         self.profile = profile
         self.states = sorted(states, key=lambda st: st.backend.priority)
         self.reference_name = reference or (self.states[0].backend.name if self.states else None)
@@ -125,6 +129,8 @@ class Checker:
             probes = list(self.space.probes)
         else:
             probes = probe_set(min(limits))
+            if self.tokenizer is not None:
+                probes += limit_probes(self.tokenizer, list(p.prompts.values()), p.max_input_tokens)
         report.probes = len(probes)
         for st, info in zip(self.states, infos, strict=True):
             report.findings += self._static(st, info)
@@ -298,6 +304,10 @@ class Checker:
                 for i, v in zip(short, await self._embed(st, texts, pname), strict=True):
                     rows[(pname, i)] = v
                 for i in (i for i, pr in enumerate(probes) if pr.long):
+                    declared, tokens = st.input_limit(), probes[i].tokens
+                    if tokens and declared and tokens > declared:
+                        rejected.add(i)  # longer than it declares it takes: it is never sent such inputs
+                        continue
                     try:
                         rows[(pname, i)] = (await self._embed(st, [self._send(st, prefix, probes[i].text)], pname))[0]
                     except InputRejected:
@@ -411,6 +421,36 @@ class Checker:
         report.findings += await self._diagnose(st, res, ref_state, cos, probes, prompt_names, report, lo, mean)
         return result
 
+    async def _truncation_point(
+        self,
+        st: BackendState,
+        res: _Vectors,
+        ref_state: BackendState,
+        cos: dict[tuple[str | None, int], float],
+        probes: list[Probe],
+    ) -> int | None:
+        """Where a backend cuts inputs it does not declare it cuts: its vector of the at-limit probe against
+        the reference's vectors of that probe cut at likely limits (the model's tokenizer cuts them)."""
+        if self.tokenizer is None:
+            return None
+        bad = [(pn, i) for (pn, i), c in cos.items() if probes[i].name == "at-limit" and c < self.profile.agree_cosine]
+        if not bad:
+            return None
+        pname, i = bad[0]
+        prefix = self.profile.prompts.get(pname, "") if pname else ""
+        total = probes[i].tokens or 0
+        candidates = [n for n in (32, 64, 128, 192, 256, 384, 512, 1024) if n < total]
+        if not candidates:
+            return None
+        cut = [self.tokenizer.fit(prefix, [probes[i].text], n, "right").texts[0] for n in candidates]
+        try:
+            ref = await self._embed(ref_state, [self._send(ref_state, prefix, t) for t in cut], pname)
+        except BackendError:
+            return None
+        scores = ref @ res.rows[(pname, i)]
+        best = int(np.argmax(scores))
+        return candidates[best] if float(scores[best]) >= self.profile.warn_cosine else None
+
     async def _diagnose(
         self,
         st: BackendState,
@@ -434,6 +474,19 @@ class Checker:
         # Truncation: short probes agree, only long ones do not.
         short = [c for (pn, i), c in cos.items() if not probes[i].long]
         long_bad = [probes[i].name for (pn, i), c in cos.items() if probes[i].long and c < p.agree_cosine]
+        if short and min(short) >= p.agree_cosine and long_bad and ref_state is not None:
+            at = await self._truncation_point(st, res, ref_state, cos, probes)
+            if at is not None:
+                return [
+                    Finding(
+                        name,
+                        "truncation",
+                        "error",
+                        f"truncation at {at} tokens: its vectors for inputs at the model's limit "
+                        f"({p.max_input_tokens} tokens) are the model's vectors of their first {at} tokens, "
+                        "although it does not declare that limit; long texts would land elsewhere in the space",
+                    )
+                ]
         if short and min(short) >= p.agree_cosine and long_bad:
             return [
                 Finding(

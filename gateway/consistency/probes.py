@@ -4,6 +4,7 @@ token limit, unicode and whitespace edge cases. Named, so findings can say which
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -11,6 +12,7 @@ class Probe:
     name: str
     text: str
     long: bool = False
+    tokens: int | None = None  # counted with the model's tokenizer (with the longest prompt): at-limit probes
 
 
 SUNSETS = {
@@ -54,3 +56,27 @@ def probe_set(max_input_tokens: int) -> list[Probe]:
 
 def _repeat(chars: int) -> str:
     return (_LONG_SENTENCE * (chars // len(_LONG_SENTENCE) + 1))[:chars].rsplit(" ", 1)[0]
+
+
+_LIMIT_TEXT = (
+    "The lighthouse keeper counted the ships that passed each night, writing their names, flags and the "
+    "hour in a worn leather book, and when the fog came in thick from the north he rang the bell by hand. "
+)
+
+
+def limit_probes(tokenizer: Any, prefixes: list[str], max_input_tokens: int) -> list[Probe]:
+    """Two probes built with the model's tokenizer: one of exactly the limit (with the longest prompt) and a
+    longer text the gateway cuts to the limit, as it would a client's. A backend that truncates below the
+    limit without declaring it, or embeds past it, disagrees on these and nowhere else."""
+    limit = min(max_input_tokens, _MAX_PROBE_TOKENS)
+    prefix = max(prefixes, key=lambda p: tokenizer.counts([p])[0]) if prefixes else ""
+    exact = tokenizer.fit(prefix, [_repeat_text(_LONG_SENTENCE, limit * 6)], limit, "right")
+    cut = tokenizer.fit(prefix, [_repeat_text(_LIMIT_TEXT, limit * 10)], limit, "right")
+    return [
+        Probe("at-limit", exact.texts[0], long=True, tokens=exact.tokens[0]),
+        Probe("cut-to-limit", cut.texts[0], long=True, tokens=cut.tokens[0]),
+    ]
+
+
+def _repeat_text(sentence: str, chars: int) -> str:
+    return (sentence * (chars // len(sentence) + 1))[:chars]

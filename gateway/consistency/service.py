@@ -31,6 +31,7 @@ from gateway.metrics import Metrics
 from gateway.resilience.deadline import Deadline
 from gateway.state import BackendState
 from gateway.tasks import cancel_all
+from gateway.tokens import ModelTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,10 @@ class ConsistencyService:
         spaces: dict[str, Space] | None = None,
         metrics: Metrics | None = None,
         on_verdicts: Callable[[], None] = lambda: None,
+        tokenizers: dict[str, ModelTokenizer | None] | None = None,
     ) -> None:
         self.settings = settings
+        self._tokenizers = tokenizers or {}
         self._on_verdicts = on_verdicts  # e.g. the cache drops what a quarantined backend produced
         self.profiles = profiles
         self.references = references
@@ -302,6 +305,7 @@ class ConsistencyService:
                 only=only,
                 space=space,
                 probes=probes,
+                tokenizer=self._tokenizers.get(model),
             )
             try:
                 report = await checker.run()

@@ -206,7 +206,11 @@ def nan_json(rows: list[list[float]]) -> list[list[float]]:
 
 PROBE_TEXT = "embedding-gateway health probe"
 # Every batch of the agreement checker's probes holds one of these (gateway/consistency/probes.py).
-_CHECKER_MARKS = ("A beautiful sunset over the beach", "Golden sunlight melts into the horizon")
+_CHECKER_MARKS = (
+    "A beautiful sunset over the beach",
+    "Golden sunlight melts into the horizon",
+    "The lighthouse keeper counted the ships",  # the probes at the model's token limit
+)
 
 
 def is_probe(body: bytes) -> bool:

@@ -28,6 +28,8 @@ class TeiConfig:
     prompts: dict[str, str] = field(default_factory=dict)  # config_sentence_transformers.json
     default_prompt: str | None = None  # --default-prompt / --default-prompt-name
     max_input_length: int = 256
+    declared_max_input_length: int | None = None  # what /info says, when it lies (default: the real limit)
+    silent_truncation: bool = False  # cut at max_input_length whatever the request says (as Infinity does)
     max_client_batch_size: int = 32
     auto_truncate: bool = True
     api_key: str | None = None
@@ -90,7 +92,7 @@ class TeiServer(ContractServer):
             "served_model_name": c.model_id,
             "model_type": {"embedding": {"pooling": c.pooling}},
             "max_concurrent_requests": self.config.max_concurrent_requests,
-            "max_input_length": c.max_input_length,
+            "max_input_length": c.declared_max_input_length or c.max_input_length,
             "max_batch_tokens": 16384,
             "max_batch_requests": None,
             "max_client_batch_size": c.max_client_batch_size,
@@ -149,6 +151,7 @@ class TeiServer(ContractServer):
             return self.error(400, "Input validation error: `inputs` cannot be empty", "Empty")
         truncate = body.get("truncate")
         truncate = c.auto_truncate if truncate is None else truncate
+        truncate = truncate or c.silent_truncation
         prompted = [prefix + t for t in texts]
         for i, text in enumerate(prompted):
             n = await self.count_tokens(text)
