@@ -66,7 +66,7 @@ def test_over_long_inputs_get_the_same_answer_on_every_backend_order(
             message = r.json()["error"]["message"]
             n = TOKENIZER.counts([text])[0]
             assert "Please reduce your prompt; or completion length." in message
-            assert f"Input 1 is {n} tokens" in message and f"at most {LIMIT}" in message
+            assert f"Input 1 is too long: {n} tokens" in message and f"at most {LIMIT}" in message
             assert "batch size" not in message  # no backend's operator advice
             tei = post(gw, "/embed", {"inputs": text})
             assert tei.status_code == 413 and set(tei.json()) == {"error", "error_type"}

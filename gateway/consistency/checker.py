@@ -306,12 +306,12 @@ class Checker:
                 for i in (i for i, pr in enumerate(probes) if pr.long):
                     declared, tokens = st.input_limit(), probes[i].tokens
                     if tokens and declared and tokens > declared:
-                        rejected.add(i)  # longer than it declares it takes: it is never sent such inputs
-                        continue
+                        continue  # longer than it declares it takes: it is never sent such inputs
                     try:
                         rows[(pname, i)] = (await self._embed(st, [self._send(st, prefix, probes[i].text)], pname))[0]
                     except InputRejected:
-                        rejected.add(i)  # a limit, not a disagreement: such inputs go elsewhere
+                        if not tokens:  # at the limit exactly a refusal says nothing new (how it counts)
+                            rejected.add(i)  # a limit, not a disagreement: such inputs go elsewhere
         except BackendError as exc:
             return exc
         except TimeoutError:
