@@ -346,12 +346,12 @@ def main() -> int:
                     f"127.0.0.1:{stub_port}", f"127.0.0.1:{stub_port}{stub_path}"
                 )
                 text = text.replace('profile = "jina', extra + 'profile = "jina')
-                config.write_text(
-                    text + ("[resilience]\nbatch_size = 256  # one call: the stub answers 256 rows\n" if n > 1 else "")
-                )
+                # The /many stub answers 256 rows to anything, health probes too: one call per request, no probes.
+                many = "[resilience]\nbatch_size = 256\nhealth_interval_s = 3600\n"
+                config.write_text(text + (many if n > 1 else ""))
                 cmd = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)]
                 url = f"http://127.0.0.1:{port}"
-                with process(cmd, url, "/ready") as pid:
+                with process(cmd, url, "/ready" if n == 1 else "/health") as pid:
                     results.append(measure(f"gateway w1{suffix}", url, pid, script, args, texts=n))
         if litellm is not None:
             port = free_port()

@@ -110,8 +110,8 @@ class EmbeddingService:
         except OverLimit as exc:
             raise InputOverLimit(
                 f"{REDUCE_PHRASE} Input {exc.index} is too long: {exc.tokens} tokens (with the model's prompt and "
-                f"special tokens); model {req.model!r} takes at most {exc.limit}. Send a shorter text, or ask for truncation "
-                "(`truncate: true`, `truncation_direction`: right or left)",
+                f"special tokens); model {req.model!r} takes at most {exc.limit}. Send a shorter text, or ask for "
+                "truncation (`truncate: true`, `truncation_direction`: right or left)",
                 param="input",
             ) from None
         if fitted.cut:
