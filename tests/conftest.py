@@ -115,61 +115,48 @@ def variants(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @dataclass
 class RedisServer:
     url: str
-    proc: subprocess.Popen[bytes]
     command: list[str]
+    proc: subprocess.Popen[bytes] | None = None
 
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-    def restart(self) -> None:
-        """The same server again on the same port (data gone, as after a crash without persistence)."""
+    def start(self) -> None:
+        """Start it (again: the same port, data gone, as after a crash without persistence); wait for PONG."""
         import redis
 
         self.proc = subprocess.Popen(self.command, stdout=subprocess.DEVNULL)
         client = redis.Redis.from_url(self.url, socket_timeout=1)
         deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        client.close()
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        self.kill()
+                        raise
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+    restart = start
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A real Redis server (Debian's redis-server, which `make test` installs) on a free port."""
-    import redis
-
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server is not installed: `make test` installs it (apt-get install redis-server)")
     port = free_port()
     args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
-    proc = subprocess.Popen([binary, *args], stdout=subprocess.DEVNULL)
-    client = redis.Redis(port=port, socket_timeout=1)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise
-            time.sleep(0.05)
+    server = RedisServer(f"redis://127.0.0.1:{port}/0", [binary, *args])
+    server.start()
     try:
-        server = RedisServer(f"redis://127.0.0.1:{port}/0", proc, [binary, *args])
         yield server
     finally:
-        client.close()
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        server.kill()
