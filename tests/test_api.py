@@ -105,7 +105,9 @@ def test_dimensions_slice_and_renormalize(gw: RunningGateway) -> None:
     cut = vectors(post(gw, {"model": "minilm-mrl", "input": TEXTS, "dimensions": 64}))
     assert cut.shape == (3, 64)
     np.testing.assert_allclose(np.linalg.norm(cut, axis=1), 1.0, atol=1e-6)
-    np.testing.assert_allclose(cut, unit(full[:, :64]), atol=1e-6)
+    # Two calls: llama.cpp batches concurrent work (the gateway's own checks) with them, which moves a vector by
+    # ~1e-4; a wrong slice or a missing renormalisation would be off by far more.
+    np.testing.assert_allclose(cut, unit(full[:, :64]), atol=5e-4)
 
 
 def test_prompt_applied_exactly_once(gw: RunningGateway, primary: LlamaCppProcess) -> None:
