@@ -247,7 +247,6 @@ class BackendCalls:
             self._metrics.backend_call(backend.name, "ok", elapsed)
         if purpose is not Purpose.CHECK:  # checks queue as bulk behind traffic: their time says little
             st.times.observe(len(texts), elapsed)
-        st.times.completed(len(texts))
         return out
 
     def _failed(self, st: BackendState, error: BackendError, elapsed: float) -> None:

@@ -73,18 +73,14 @@ def _size_class(texts: int) -> int:
     return min(10, max(1, texts).bit_length())
 
 
-_DRAIN_WINDOW_S = 10.0
-_TYPICAL_OF = 16  # the last calls "what a call takes now" is the median of
 
 
 class CallTimes:
     """Seconds per text of recent successful calls, by size class ((n + 1) per call: the fixed cost counts
-    as one text), and the work per second the backend has been getting through lately."""
+    as one text)."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self) -> None:
         self._buckets: dict[int, _Bucket] = {}
-        self._clock = clock
-        self._done: deque[tuple[float, int]] = deque()  # (when, units) of recent successful calls
 
     def observe(self, texts: int, seconds: float) -> None:
         self._buckets.setdefault(_size_class(texts), _Bucket()).add(seconds / (texts + 1))
@@ -93,22 +89,6 @@ class CallTimes:
         """A call timed out after `seconds`: it takes longer than that, which the next bounds allow for (the
         typical time is not touched: nobody knows how long it would have taken)."""
         self._buckets.setdefault(_size_class(texts), _Bucket()).overran(seconds / (texts + 1))
-
-    def completed(self, texts: int) -> None:
-        now = self._clock()
-        self._done.append((now, texts + 1))
-        while self._done and self._done[0][0] < now - _DRAIN_WINDOW_S:
-            self._done.popleft()
-
-    def drain_rate(self) -> float | None:
-        """Units (texts + 1 per call) answered per second over the last seconds; None with too few calls."""
-        now = self._clock()
-        while self._done and self._done[0][0] < now - _DRAIN_WINDOW_S:
-            self._done.popleft()
-        if len(self._done) < 3:
-            return None
-        span = max(1.0, now - self._done[0][0])
-        return sum(units for _, units in self._done) / span
 
     def _nearest(self, texts: int) -> _Bucket | None:
         if not self._buckets:
@@ -126,14 +106,6 @@ class CallTimes:
         """A typical call of `texts` texts now (p90 of recent per-text times); None before any sample."""
         rate = self._rate(texts, 0.9)
         return None if rate is None else rate * (texts + 1)
-
-    def typical_s(self, texts: int) -> float | None:
-        """The median of the last few calls of about `texts` texts: what such a call takes now."""
-        bucket = self._nearest(texts)
-        if bucket is None or not bucket.rates:
-            return None
-        last = list(bucket.rates)[-_TYPICAL_OF:]
-        return sorted(last)[len(last) // 2] * (texts + 1)
 
     def unloaded_s(self, texts: int) -> float | None:
         """The call time when the backend is not queueing: the fastest call of that size lately."""
@@ -165,7 +137,6 @@ class ConcurrencyLimit:
         self.declared = 0
         self.value = 1.0
         self._decreased_at = -math.inf
-        self.decreases = 0
 
     @property
     def limit(self) -> int:
@@ -193,7 +164,6 @@ class ConcurrencyLimit:
                 value = min(self.value, float(in_flight))  # a limit above what is in flight says nothing
                 step = max(value * 0.5, 1.25 * working)  # at most halved per signal: one sample is noisy
                 self.value = max(1.0, min(value * self.policy.decrease, step))
-                self.decreases += 1
         elif busy:
             self.value = min(float(self.declared), self.value + 1.0 / self.value)
         if self.limit != before:
