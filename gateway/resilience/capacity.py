@@ -73,8 +73,6 @@ def _size_class(texts: int) -> int:
     return min(10, max(1, texts).bit_length())
 
 
-
-
 class CallTimes:
     """Seconds per text of recent successful calls, by size class ((n + 1) per call: the fixed cost counts
     as one text)."""
