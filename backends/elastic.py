@@ -145,6 +145,9 @@ class ElasticAdapter:
         await self._endpoint()
         return Health(ok=True)
 
+    async def tokenize(self, text: str) -> list[int] | None:
+        return None  # inference endpoints have no tokenize API
+
     async def describe(self) -> BackendInfo:
         endpoint = await self._endpoint()
         settings = endpoint.get("service_settings") or {}

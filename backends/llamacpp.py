@@ -25,6 +25,15 @@ class LlamaCppAdapter(OpenAICompatAdapter):
 
     def __init__(self, config: LlamaCppBackend, *, url: str | None = None) -> None:
         super().__init__(config, url=url)
+        self._discovered = True  # llama.cpp embeds with its one model whatever `model` says
+
+    async def tokenize(self, text: str) -> list[int] | None:
+        async with transport_errors(self.name):
+            resp = await self._client.post("/tokenize", json={"content": text, "add_special": True})
+        if resp.status_code != 200:
+            raise self._error(resp)
+        tokens = resp.json().get("tokens")
+        return [int(t) for t in tokens] if isinstance(tokens, list) else None
 
     async def health(self) -> Health:
         async with transport_errors(self.name):

@@ -121,6 +121,17 @@ class TeiAdapter:
             extra={k: info.get(k) for k in ("version", "model_dtype", "auto_truncate", "max_batch_tokens")},
         )
 
+    async def tokenize(self, text: str) -> list[int] | None:
+        # No prompt_name: the text arrives with the prompt it is embedded with, whoever adds it.
+        async with transport_errors(self.name):
+            resp = await self._client.post("/tokenize", json={"inputs": text, "add_special_tokens": True})
+        if resp.status_code != 200:
+            raise self._error(resp)
+        rows = resp.json()
+        if not (isinstance(rows, list) and rows and isinstance(rows[0], list)):
+            raise BadBackendOutput(self.name, "unparseable /tokenize response")
+        return [int(t["id"]) for t in rows[0]]
+
     async def _get_info(self) -> dict[str, Any]:
         async with transport_errors(self.name):
             resp = await self._client.get("/info")

@@ -1,6 +1,15 @@
 """Configuration: model profiles, backend configs, and loading settings from TOML + environment."""
 
-from config.backends import BackendConfig, ElasticBackend, LlamaCppBackend, ManagedLlamaCpp, OpenAIBackend, TeiBackend
+from config.backends import (
+    BackendConfig,
+    ElasticBackend,
+    InfinityBackend,
+    LlamaCppBackend,
+    ManagedLlamaCpp,
+    OpenAIBackend,
+    TeiBackend,
+    VllmBackend,
+)
 from config.profiles import BUILTIN_PROFILES, ModelProfile
 from config.settings import ConfigError, GatewaySettings, ModelConfig, ServerSettings, load_settings
 
@@ -10,6 +19,7 @@ __all__ = [
     "ConfigError",
     "ElasticBackend",
     "GatewaySettings",
+    "InfinityBackend",
     "LlamaCppBackend",
     "ManagedLlamaCpp",
     "ModelConfig",
@@ -17,5 +27,6 @@ __all__ = [
     "OpenAIBackend",
     "ServerSettings",
     "TeiBackend",
+    "VllmBackend",
     "load_settings",
 ]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from config.profiles import Pooling
 
@@ -106,12 +107,47 @@ class TeiBackend(_HttpBackend):
     )
 
 
-class OpenAIBackend(_HttpBackend):
-    """Any OpenAI-compatible embeddings server: vLLM --runner pooling, Infinity, OpenAI itself."""
+class _OpenAICompatible(_HttpBackend):
+    """Servers that speak OpenAI's embeddings API: `POST {url}{path_prefix}/embeddings`."""
+
+    url: AnyHttpUrl
+    remote_model: str | None = Field(
+        None,
+        description="`model` to send; default: the gateway model's name when the server lists it, else the one "
+        "model the server serves (several: set this)",
+    )
+    path_prefix: str | None = Field(
+        None, description='where the API lives under `url` ("/v1"; "" for none); default: the kind\'s own'
+    )
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _one_slash_form(cls, value: str | None) -> str | None:
+        """ "v1", "/v1/" and "/v1" are one prefix; "" or "/" is none."""
+        if value is None:
+            return None
+        value = "/" + value.strip().strip("/")
+        if value != "/" and not re.fullmatch(r"(/[A-Za-z0-9_.~\-]+)+", value):
+            raise ValueError(f"path_prefix {value!r} is not a URL path such as /v1")
+        return "" if value == "/" else value
+
+
+class OpenAIBackend(_OpenAICompatible):
+    """Any OpenAI-compatible embeddings server (OpenAI itself, TEI's /v1, a proxy)."""
 
     kind: Literal["openai"]
-    url: AnyHttpUrl
-    remote_model: str | None = Field(None, description="`model` to send; default the gateway model's name")
+
+
+class VllmBackend(_OpenAICompatible):
+    """vLLM with `--runner pooling`: its limits from /v1/models, /tokenize for the checker."""
+
+    kind: Literal["vllm"]
+
+
+class InfinityBackend(_OpenAICompatible):
+    """michaelfeil/infinity (`infinity_emb v2`): its batch size from /models; with or without --url-prefix."""
+
+    kind: Literal["infinity"]
 
 
 class ElasticBackend(_Backend):
@@ -146,4 +182,7 @@ class ElasticBackend(_Backend):
         return self
 
 
-BackendConfig = Annotated[LlamaCppBackend | TeiBackend | OpenAIBackend | ElasticBackend, Field(discriminator="kind")]
+BackendConfig = Annotated[
+    LlamaCppBackend | TeiBackend | OpenAIBackend | VllmBackend | InfinityBackend | ElasticBackend,
+    Field(discriminator="kind"),
+]

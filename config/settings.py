@@ -343,7 +343,7 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("llamacpp", "tei", "elastic", "openai") and out.endswith("]"):
+        elif part in ("llamacpp", "tei", "elastic", "openai", "vllm", "infinity") and out.endswith("]"):
             continue  # the discriminator tag adds nothing for a reader
         else:
             out += f".{part}" if out else str(part)

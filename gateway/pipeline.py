@@ -94,5 +94,5 @@ def finish(vectors: np.ndarray, profile: ModelProfile, dimensions: int) -> np.nd
 
 
 def estimate_tokens(texts: Sequence[str]) -> int:
-    """Used only when a backend does not report usage: about 4 characters per token (documented)."""
+    """Usage of a model without a tokenizer: about 4 characters per token (documented)."""
     return sum(max(1, (len(t) + 3) // 4) for t in texts)

@@ -74,11 +74,11 @@ class EmbeddingService:
         if cache is None or req.cache == "off":
             routed = await self.router.embed(req.model, req.texts, prompt, deadline, _longest(counts, None))
             unit = _full(routed.vectors, profile)
-            backends, tokens, state = routed.backends, self._tokens(routed.prompt_tokens, prompt, req.texts), None
+            backends, tokens, state = routed.backends, self._tokens(prompt, req.texts), None
         else:
             assert space is not None  # no space (first check still running): nothing is cached
             unit, backends, tokens, state = await self._cached(cache, space, req, profile, prompt, deadline, counts)
-        if counts is not None:  # the model's tokenizer counted them: backends' counts are not trusted
+        if counts is not None:  # the model's tokenizer counted them
             tokens = sum(counts)
         after = None
         if self.shadows is not None and self.shadows.wanted(req.model):
@@ -142,7 +142,7 @@ class EmbeddingService:
         routed = await self.router.embed(req.model, texts, prompt, deadline, _longest(counts, missing))
         fresh = _full(routed.vectors, profile)
         await cache.put_many([keys[i] for i in missing], fresh, routed.backends)
-        tokens = self._tokens(routed.prompt_tokens, prompt, texts)
+        tokens = self._tokens(prompt, texts)
         if len(missing) == len(keys):
             return fresh, routed.backends, tokens, "miss"
         matrix = np.empty((len(keys), fresh.shape[1]), dtype=np.float32)
@@ -153,8 +153,10 @@ class EmbeddingService:
         return matrix, routed.backends, tokens, "partial"
 
     @staticmethod
-    def _tokens(counted: int | None, prompt: Prompt, texts: list[str]) -> int:
-        return counted if counted is not None else estimate_tokens(prompt.apply(texts))
+    def _tokens(prompt: Prompt, texts: list[str]) -> int:
+        """Usage without the model's tokenizer: the gateway's estimate, never a backend's count (they count
+        differently - Infinity counts characters - and a caller's usage must not depend on who served)."""
+        return estimate_tokens(prompt.apply(texts))
 
 
 def _longest(counts: list[int] | None, which: list[int] | None) -> int | None:

@@ -77,6 +77,8 @@ def backends_view(rt: Runtime, workers: list[dict[str, Any]] | None = None, coun
             "concurrency_limit": st.admission.limit,
             "declared_concurrency": st.capacity.declared,
             "max_input_tokens": st.input_limit(),  # as the backend declares it; longer inputs never go there
+            "max_batch_size": st.batch_limit(),  # most texts per call: configured or declared, lower wins
+            "remote_model": getattr(b, "remote_model", None),  # the `model` sent (OpenAI-compatible kinds)
             "call_timeout_1_s": round(rt.service.router.calls.call_timeout(st, 1), 3),
             "requests": st.requests,
             "failures": st.failures,

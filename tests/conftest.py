@@ -19,6 +19,7 @@ from backends.managed.convert import convert_bert
 from backends.managed.models import prepare_gguf, source_dir
 from backends.managed.process import LlamaCppProcess, free_port
 from tests.helpers import run_asgi
+from tests.peers import PeerMissing, PeerServer, start_infinity, start_vllm
 from tests.servers.base import ContractServer
 from tests.servers.elastic import ElasticConfig, ElasticServer
 from tests.servers.tei import TeiConfig, TeiServer
@@ -160,3 +161,31 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.kill()
+
+
+def _peer(start: Callable[[Path], PeerServer], tmp: Path) -> Iterator[PeerServer]:
+    try:
+        server = start(tmp)
+    except PeerMissing as exc:
+        pytest.fail(str(exc))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def peers_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("peers")
+
+
+@pytest.fixture(scope="session")
+def vllm(peers_tmp: Path) -> Iterator[PeerServer]:
+    """A real vLLM (CPU build, `--runner pooling`) serving MiniLM as 'all-minilm-l6-v2', one per run."""
+    yield from _peer(lambda tmp: start_vllm(tmp, served_name="all-minilm-l6-v2"), peers_tmp)
+
+
+@pytest.fixture(scope="session")
+def infinity(peers_tmp: Path) -> Iterator[PeerServer]:
+    """A real Infinity serving MiniLM at its root (no --url-prefix) as 'models/minilm-hf', one per run."""
+    yield from _peer(start_infinity, peers_tmp)

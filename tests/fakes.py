@@ -27,6 +27,9 @@ class InProcessBackend:
     async def describe(self) -> BackendInfo:
         return BackendInfo(kind=self.kind)
 
+    async def tokenize(self, text: str) -> list[int] | None:
+        return None
+
     async def aclose(self) -> None:
         pass
 

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from config import ElasticBackend, LlamaCppBackend, TeiBackend, load_settings
+from config import ElasticBackend, LlamaCppBackend, TeiBackend, VllmBackend, load_settings
 
 COMPOSE = Path(__file__).resolve().parents[1] / "compose"
 
@@ -29,13 +29,14 @@ def command(service: dict[str, Any]) -> str:
 
 def test_services_and_images(stack: dict[str, Any]) -> None:
     services = stack["services"]
-    backends = {"tei-gpu", "tei-cpu", "llamacpp", "elasticsearch", "es-setup"}
+    backends = {"tei-gpu", "tei-cpu", "llamacpp", "vllm", "elasticsearch", "es-setup"}
     assert set(services) == backends | {"redis", "gateway", "prometheus", "grafana"}
     assert services["tei-gpu"]["image"] == "ghcr.io/huggingface/text-embeddings-inference:cuda-1.9"
     assert services["tei-cpu"]["image"] == "ghcr.io/huggingface/text-embeddings-inference:cpu-1.9"
     assert services["llamacpp"]["image"].startswith("ghcr.io/ggml-org/llama.cpp:server")
     assert services["elasticsearch"]["image"].startswith("docker.elastic.co/elasticsearch/elasticsearch:9.")
-    for name in ("tei-gpu", "tei-cpu", "llamacpp", "elasticsearch"):
+    assert services["vllm"]["image"].startswith("vllm/vllm-openai:v")
+    for name in ("tei-gpu", "tei-cpu", "llamacpp", "vllm", "elasticsearch"):
         assert ":" in services[name]["image"] and not services[name]["image"].endswith(":latest")
 
 
@@ -47,8 +48,13 @@ def test_backend_flags_match_the_model(stack: dict[str, Any]) -> None:
         assert "default-prompt" not in cmd  # prompt_mode = "gateway": TEI must not add its own
     llama = command(s["llamacpp"])
     assert "--embedding" in llama and re.search(r"--pooling last\b", llama)
-    gpu = s["tei-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
-    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    for on_gpu in ("tei-gpu", "vllm"):
+        gpu = s[on_gpu]["deploy"]["resources"]["reservations"]["devices"][0]
+        assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    vllm = command(s["vllm"])
+    assert "--runner=pooling" in vllm and "--model=jinaai/jina-embeddings-v5-text-small-text-matching" in vllm
+    # The served name is what the gateway sends as `model` (it would discover it anyway).
+    assert "--served-model-name=jina-embeddings-v5-text-small-text-matching" in vllm
     assert "deploy" not in s["tei-cpu"]
     setup = command(s["es-setup"])
     assert "_inference/text_embedding/jina-v5" in setup and '"service": "elastic"' in setup
@@ -74,7 +80,7 @@ def test_gateway_never_waits_for_backends(stack: dict[str, Any]) -> None:
     assert not any(d.get("condition") == "service_healthy" for d in deps.values())
 
 
-def test_mounted_gateway_config_lists_all_four_backends(stack: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mounted_gateway_config_lists_all_five_backends(stack: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     gw = stack["services"]["gateway"]
     mount = next(v for v in gw["volumes"] if v.endswith(":ro"))
     source, target = mount.split(":")[:2]
@@ -87,8 +93,8 @@ def test_mounted_gateway_config_lists_all_four_backends(stack: dict[str, Any], m
     assert settings.auth.enabled and settings.auth.storage == "redis://redis:6379/0"
     assert "redis" in stack["services"] and any(k.admin for k in settings.auth.keys)
     backends = {b.name: b for b in settings.backends}
-    assert {type(b) for b in backends.values()} == {TeiBackend, LlamaCppBackend, ElasticBackend}
-    assert set(backends) == {"tei-gpu", "tei-cpu", "llamacpp", "eis"}
+    assert {type(b) for b in backends.values()} == {TeiBackend, LlamaCppBackend, VllmBackend, ElasticBackend}
+    assert set(backends) == {"tei-gpu", "tei-cpu", "llamacpp", "vllm", "eis"}
     services = stack["services"]
     for name, b in backends.items():
         url = urlsplit(str(b.url))
@@ -96,8 +102,8 @@ def test_mounted_gateway_config_lists_all_four_backends(stack: dict[str, Any], m
         assert host in services, f"{name} points at {host}, which is not a service"
         if host.startswith("tei"):
             assert port == "80"  # TEI images listen on 80 (PORT=80)
-        if host == "llamacpp":
-            assert port in command(services["llamacpp"])
+        if host in ("llamacpp", "vllm"):
+            assert port in command(services[host])
     eis = backends["eis"]
     assert isinstance(eis, ElasticBackend) and eis.inference_id == "jina-v5"
     assert eis.password is not None and eis.password.get_secret_value() == "from-env"

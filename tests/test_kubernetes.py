@@ -56,7 +56,7 @@ def test_the_config_in_the_configmap_loads(tmp_path: Path, monkeypatch: pytest.M
     path.write_text(_config_text())
     settings = load_settings(path)
     assert settings.server.host == "0.0.0.0" and settings.server.port == 8080
-    assert {b.kind for b in settings.backends} == {"tei", "llamacpp", "elastic"}
+    assert {b.kind for b in settings.backends} == {"tei", "llamacpp", "vllm", "elastic"}
     assert settings.auth.enabled and settings.auth.storage.startswith("redis://")
 
 
@@ -105,3 +105,25 @@ def test_the_service_hpa_and_pdb_select_the_deployment() -> None:
         assert selector.items() <= labels.items(), name
     assert m["hpa.yaml"]["spec"]["scaleTargetRef"]["name"] == _deployment()["metadata"]["name"]
     assert m["hpa.yaml"]["spec"]["minReplicas"] >= 2 and m["pdb.yaml"]["spec"]["minAvailable"] == 1
+
+
+def test_the_vllm_backend_is_deployed_where_the_config_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    m = manifests()
+    deployment, service = m["vllm-deployment.yaml"], m["vllm-service.yaml"]
+    pod = deployment["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    container = pod["spec"]["containers"][0]
+    args = " ".join(container["args"])
+    assert "--runner=pooling" in args and "jina-embeddings-v5-text-small-text-matching" in args
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {container["readinessProbe"]["httpGet"]["path"], container["startupProbe"]["httpGet"]["path"]} == {"/health"}
+    for var in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", _config_text()):
+        monkeypatch.setenv(var, _secret_value(var))
+    path = tmp_path / "gateway.toml"
+    path.write_text(_config_text())
+    vllm = next(b for b in load_settings(path).backends if b.kind == "vllm")
+    assert (
+        vllm.url is not None
+        and vllm.url.host == f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local"
+    )
+    assert vllm.url.port == service["spec"]["ports"][0]["port"] == int(args.split("--port=")[1].split()[0])

@@ -45,6 +45,7 @@ async def test_health_and_describe(primary: LlamaCppProcess) -> None:
     assert (await a.health()).ok
     info = await a.describe()
     assert info.kind == "llamacpp" and info.dimension == 384 and info.max_input_tokens and info.max_input_tokens > 0
+    assert await a.tokenize("hello there") == [101, 7592, 2045, 102]  # [CLS] hello there [SEP]
     await a.aclose()
 
 

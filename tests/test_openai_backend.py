@@ -106,3 +106,107 @@ async def test_health_checks_the_served_model(primary: LlamaCppProcess) -> None:
         await typo.health()
     await good.aclose()
     await typo.aclose()
+
+
+def listing(*ids: str, **extra: object) -> dict[str, object]:
+    return {"object": "list", "data": [{"id": i, "object": "model", **extra} for i in ids]}
+
+
+def server(models: dict[str, object], prefix: str = "/v1") -> Callable[[httpx.Request], httpx.Response]:
+    """An OpenAI-compatible server whose API lives under `prefix`; /health at the root."""
+
+    def handle(req: httpx.Request) -> httpx.Response:
+        path = req.url.path
+        if path == "/health":
+            return httpx.Response(200)
+        if path == f"{prefix}/models":
+            return httpx.Response(200, json=models)
+        if path == f"{prefix}/embeddings":
+            body = json.loads(req.content)
+            data = [{"embedding": "AACAPw==", "index": i} for i in range(len(body["input"]))]
+            return httpx.Response(200, json={"data": data, "model": body["model"], "usage": {"prompt_tokens": 99}})
+        return httpx.Response(404, json={"detail": "Not Found"})
+
+    return handle
+
+
+def wired(kind: str, handler: Callable[[httpx.Request], httpx.Response], **kw: object) -> OpenAICompatAdapter:
+    from backends import create_backend
+    from config.settings import GatewaySettings
+
+    settings = GatewaySettings.model_validate(
+        {
+            "models": [{"name": "minilm", "profile": "all-minilm-l6-v2"}],
+            "backends": [openai_backend("o", "http://s.invalid", **kw) | {"kind": kind}],
+        }
+    )
+    a = create_backend(settings.backends[0])
+    assert isinstance(a, OpenAICompatAdapter)
+    a._client = httpx.AsyncClient(base_url="http://s.invalid", transport=httpx.MockTransport(handler))
+    a._poster = JsonPoster(a._client, "http://s.invalid", 1.0)
+    return a
+
+
+@pytest.mark.parametrize("kind", ["openai", "vllm", "infinity"])
+async def test_the_one_served_model_is_discovered(kind: str) -> None:
+    a = wired(kind, server(listing("org/all-MiniLM-L6-v2")))
+    assert (await a.health()).ok and a.remote_model == "org/all-MiniLM-L6-v2"
+
+
+async def test_the_gateway_name_wins_among_several_and_none_is_an_error_naming_them() -> None:
+    named = wired("vllm", server(listing("other", "minilm")))
+    await named.health()
+    assert named.remote_model == "minilm"
+    several = wired("vllm", server(listing("a", "b")))
+    with pytest.raises(BackendMisconfigured, match=r"serves 2 models .* served: \['a', 'b'\] \(set remote_model"):
+        await several.health()
+    with pytest.raises(BackendMisconfigured, match=r"served: \['a', 'b'\]"):  # before any health check, too
+        await wired("vllm", server(listing("a", "b"))).embed(["x"])
+
+
+@pytest.mark.parametrize("prefix", ["", "/v1"])
+async def test_infinity_is_found_with_or_without_url_prefix_and_its_usage_ignored(prefix: str) -> None:
+    a = wired("infinity", server(listing("models/minilm-hf", stats={"batch_size": 16}), prefix))
+    out = await a.embed(["x", "y"])  # discovers where the API is before the first call
+    assert out.vectors.shape == (2, 1) and out.prompt_tokens is None  # Infinity counts characters
+    info = await a.describe()
+    assert info.max_batch_size == 16 and a.public_url() == f"http://s.invalid{prefix}"
+
+
+async def test_path_prefix_is_where_the_api_lives() -> None:
+    seen: list[str] = []
+    inner = server(listing("m"), prefix="/api/openai/v1")
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        seen.append(req.url.path)
+        return inner(req)
+
+    a = wired("openai", handler, path_prefix="/api/openai/v1")
+    await a.embed(["x"])
+    assert seen == ["/api/openai/v1/models", "/api/openai/v1/embeddings"]
+
+
+async def test_vllm_limit_from_its_model_list_and_no_server_truncation() -> None:
+    bodies: list[dict[str, object]] = []
+    inner = server(listing("minilm", max_model_len=256, root="/models/minilm"))
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        if req.url.path.endswith("/embeddings"):
+            bodies.append(json.loads(req.content))
+        return inner(req)
+
+    a = wired("vllm", handler)
+    info = await a.describe()
+    assert (info.kind, info.max_input_tokens, info.model_id) == ("vllm", 256, "/models/minilm")
+    await a.embed(["x"])
+    assert bodies == [{"input": ["x"], "model": "minilm", "encoding_format": "base64"}]  # no truncate_prompt_tokens
+
+
+@pytest.mark.parametrize(("given", "kept"), [("v1", "/v1"), ("/v1/", "/v1"), ("", ""), ("/", ""), ("/a/b", "/a/b")])
+def test_path_prefix_spellings(given: str, kept: str) -> None:
+    assert OpenAIBackend.model_validate(openai_backend("o", "http://x", path_prefix=given)).path_prefix == kept
+
+
+def test_path_prefix_that_is_no_path_is_refused() -> None:
+    with pytest.raises(ValueError, match="not a URL path"):
+        OpenAIBackend.model_validate(openai_backend("o", "http://x", path_prefix="/v1?x=1"))

@@ -233,3 +233,10 @@ def test_contract_server_rejects_what_real_tei_rejects(tei_factory: TeiFactory) 
     server.violations.clear()  # ...on purpose, here
     ok = httpx.post(f"{url}/embed", json={"inputs": "x", "dimensions": 8})
     assert np.asarray(ok.json()).shape == (1, 8)
+
+
+async def test_tokenize_for_the_checker(tei_factory: TeiFactory, primary: LlamaCppProcess) -> None:
+    # TEI's /tokenize (contract-checked by the stand-in) gives the ids of the text as sent, specials included.
+    url, _ = tei_factory()
+    ids = await adapter(url).tokenize("hello there")
+    assert ids == [101, 7592, 2045, 102]  # [CLS] hello there [SEP]

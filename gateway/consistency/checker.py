@@ -141,7 +141,12 @@ class Checker:
         live = [st for st in reachable if self.only is None or st.backend.name in self.only | {self.reference_name}]
         results = await asyncio.gather(*(self._vectors(st, probes, prompt_names) for st in live))
         for st in self.states:
-            vectors[st.backend.name] = down
+            # Why it is down (a misconfiguration names its fix: "set remote_model", served ids...).
+            vectors[st.backend.name] = (
+                BackendError(st.backend.name, f"unhealthy: {st.last_error}")
+                if (st.unreachable and st.last_error)
+                else down
+            )
         for st, res in zip(live, results, strict=True):
             vectors[st.backend.name] = res
         ref_state = next((st for st in self.states if st.backend.name == self.reference_name), None)
@@ -419,7 +424,51 @@ class Checker:
             return result
         result.verdict = Verdict.DISAGREE
         report.findings += await self._diagnose(st, res, ref_state, cos, probes, prompt_names, report, lo, mean)
+        if ref_state is not None:
+            report.findings += await self._tokenization(st, ref_state, cos, probes)
         return result
+
+    async def _tokenization(
+        self,
+        st: BackendState,
+        ref_state: BackendState,
+        cos: dict[tuple[str | None, int], float],
+        probes: list[Probe],
+    ) -> list[Finding]:
+        """Evidence for probes that disagree: how many tokens each side (and the model's tokenizer) makes of
+        the text as sent. Different counts mean a tokenizer differs, not the weights."""
+        bad: dict[int, str | None] = {}
+        for (pname, i), c in sorted(cos.items(), key=lambda kv: kv[1]):
+            if c < self.profile.agree_cosine and i not in bad and not probes[i].long:
+                bad[i] = pname
+        out: list[Finding] = []
+        for i, pname in list(bad.items())[:4]:
+            prefix = self.profile.prompts.get(pname, "") if pname else ""
+            text = prefix + probes[i].text
+            counts: dict[str, int] = {}
+            for side in (st, ref_state):
+                try:
+                    async with asyncio.timeout(_DESCRIBE_TIMEOUT_S):
+                        ids = await side.backend.tokenize(text)
+                except (BackendError, TimeoutError, ValueError):
+                    ids = None
+                if ids is not None:
+                    counts[side.backend.name] = len(ids)
+            model = self.tokenizer.counts([text])[0] if self.tokenizer is not None else None
+            if len(counts) < 2 or len(set(counts.values())) == 1:
+                continue  # unknown, or the same number of tokens: the difference is elsewhere
+            said = ", ".join(f"{name} {n}" for name, n in counts.items())
+            said += f", the model's tokenizer {model}" if model is not None else ""
+            out.append(
+                Finding(
+                    st.backend.name,
+                    "tokenization",
+                    "info",
+                    f"probe '{probes[i].name}' (cosine {cos[(pname, i)]:.5f} to {ref_state.backend.name}): tokens: "
+                    f"{said}; the backends tokenize this text differently",
+                )
+            )
+        return out
 
     async def _truncation_point(
         self,

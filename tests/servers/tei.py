@@ -1,6 +1,7 @@
 """A TEI (text-embeddings-inference) stand-in, faithful to router/src/http/server.rs behaviour.
 
-Routes: GET /health (public), GET /info, POST /embed (Bearer auth when api_key is set). Vectors come
+Routes: GET /health (public), GET /info, POST /embed, /tokenize, /v1/embeddings (Bearer auth when api_key
+is set). Vectors come
 from a real llama.cpp server; prompts, truncation, Matryoshka `dimensions` and normalization are
 applied here the way TEI applies them (prompt before tokenization; normalize after truncating dims).
 """
@@ -55,6 +56,8 @@ class TeiServer(ContractServer):
         self._error = self.contract.schema_validator("ErrorResponse")
         self._info = self.contract.schema_validator("Info")
         self._openai_req = self.contract.request_validator("post", "/v1/embeddings")
+        self._tokenize_req = self.contract.request_validator("post", "/tokenize")
+        self._tokenize_resp = self.contract.response_validator("post", "/tokenize", 200)
         self._openai_resp = self.contract.response_validator("post", "/v1/embeddings", 200)
 
     @property
@@ -79,6 +82,8 @@ class TeiServer(ContractServer):
             return self.info()
         if req.method == "POST" and req.path == "/embed":
             return await self.apply_fault(lambda: self.embed(req), req)
+        if req.method == "POST" and req.path == "/tokenize":
+            return await self.tokenize(req)
         if req.method == "POST" and req.path in ("/v1/embeddings", "/embeddings"):
             return await self.apply_fault(lambda: self.openai_embed(req), req)
         return Reply(404, b"", content_type=None)
@@ -178,6 +183,27 @@ class TeiServer(ContractServer):
         rows = raw.tolist()
         self._checked(self._embed_resp, rows, "/embed response")
         return json_reply(200, rows, {"x-compute-tokens": str(tokens), "x-compute-type": "cpu"})
+
+    async def tokenize(self, req: Incoming) -> Reply:
+        """POST /tokenize: the upstream's tokens in TEI's shape (one list of tokens per input)."""
+        try:
+            body = json.loads(req.body)
+            self._checked(self._tokenize_req, body, "/tokenize request")
+        except (ValueError, ContractViolation) as exc:
+            return self.error(self.validation_status, f"Failed to deserialize the JSON body: {exc}", "Validation")
+        texts = [body["inputs"]] if isinstance(body["inputs"], str) else body["inputs"]
+        special = body.get("add_special_tokens", True)
+        rows = []
+        for text in texts:
+            r = await self.client.post("/tokenize", json={"content": text, "add_special": special, "with_pieces": True})
+            rows.append(
+                [
+                    {"id": t["id"], "text": t["piece"] if isinstance(t["piece"], str) else "", "special": False}
+                    for t in r.json()["tokens"]
+                ]
+            )
+        self._checked(self._tokenize_resp, rows, "/tokenize response")
+        return json_reply(200, rows)
 
     async def compute(self, texts: int) -> None:
         """Hold one of the server's slots for as long as `texts` texts take (queueing inside, as TEI does)."""
