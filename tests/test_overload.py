@@ -101,7 +101,7 @@ def test_a_slow_backend_stays_healthy_serves_its_capacity_and_the_excess_is_shed
     assert all(v["healthy"] and v["circuit"] == "closed" for v in seen), [
         (v["healthy"], v["circuit"], v["concurrency_limit"], v["last_error"]) for v in seen
     ]
-    assert seen[-1]["concurrency_limit"] <= 4 and seen[-1]["failures"] == 0
+    assert seen[-1]["concurrency_limit"] <= 8 and seen[-1]["failures"] == 0  # from 512; AIMD probes a step above
     # The requests admitted completed: goodput at least 80 % of the capacity.
     # The backend stays busy (>= 80 % of its capacity) and most of that work is answered 200; the test process
     # itself (16 client threads and the TEI server under one GIL) costs some answers their deadline.
