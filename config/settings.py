@@ -92,6 +92,20 @@ class ConsistencySettings(BaseModel):
     )
 
 
+# ModelConfig fields about how the gateway treats the model, not what the model is.
+_NOT_PROFILE = {
+    "name",
+    "profile",
+    "reference",
+    "reference_gguf",
+    "space",
+    "tokenizer",
+    "truncate",
+    "on_partial_disagreement",
+    "audit_sample",
+}
+
+
 class ModelConfig(BaseModel):
     """A model clients can ask for: a built-in profile, inline fields overriding it, or both."""
 
@@ -124,6 +138,11 @@ class ModelConfig(BaseModel):
     truncate: Literal["none", "right", "left"] = Field(
         "none", description="inputs over max_input_tokens: refused (none), or cut keeping their start or end"
     )
+    on_partial_disagreement: Literal["restrict", "quarantine"] = Field(
+        "restrict",
+        description="a backend wrong on a few scripts only: keeps serving texts in the others (restrict), or is "
+        "taken out (quarantine)",
+    )
 
     _resolved: ModelProfile | None = PrivateAttr(None)
     _space: Any = PrivateAttr(None)  # the loaded pinned space (gateway.consistency.space.Space)
@@ -137,7 +156,7 @@ class ModelConfig(BaseModel):
                 raise ValueError(f"unknown profile {self.profile!r}; built-in profiles: {sorted(BUILTIN_PROFILES)}")
             base = BUILTIN_PROFILES[self.profile].model_dump()
         overrides = self.model_dump(
-            exclude={"name", "profile", "reference", "reference_gguf", "space", "tokenizer", "truncate"},
+            exclude=_NOT_PROFILE,
             exclude_none=True,
         )
         # New prompts invalidate the profile's default unless it still names one of them.

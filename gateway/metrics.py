@@ -100,6 +100,18 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.script_refusals = Counter(
+            "embedding_gateway_script_refusals_total",
+            "Requests refused (503) because every backend in service disagrees with the model on a script in them.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.excluded_scripts = Gauge(
+            "embedding_gateway_backend_excluded_script",
+            "1 while a restricted backend is kept from texts in this script (it disagrees with the model on it).",
+            ["backend", "model", "script"],
+            registry=self.registry,
+        )
         self.admission_wait_seconds = Histogram(
             "embedding_gateway_admission_wait_seconds",
             "Time calls queued in the gateway for a free slot at the backend.",

@@ -23,6 +23,7 @@ import numpy as np
 
 from backends.errors import BackendError, BackendUnavailable, InputRejected, InputTooLong, PayloadTooLarge
 from gateway.calls import BackendCalls
+from gateway.consistency.scripts import scripts_in
 from gateway.errors import REDUCE_PHRASE, DeadlineExceeded, InputOverLimit, NoBackendAvailable, Overloaded
 from gateway.metrics import Metrics
 from gateway.pipeline import Prompt
@@ -137,6 +138,8 @@ class Router:
             raise NoBackendAvailable(reason, retry_after=self.policy.retry_after_cap_s)
         if longest is not None:
             members = self._covering(model, members, longest)
+        if any(st.excluded_scripts for st in members):  # free unless a backend is restricted
+            members = self._agreeing(model, members, texts)
         slices = split(texts, self._chunk_size(members), self._token_budget(members))
         self._shed_if_late(model, members, slices, deadline)
         if len(slices) == 1:
@@ -183,6 +186,23 @@ class Router:
                 "x-request-timeout",
                 retry_after=min(60.0, max(1.0, ahead)),
             )
+
+    def _agreeing(self, model: str, members: list[BackendState], texts: list[str]) -> list[BackendState]:
+        """The members that agree with the model on every script in `texts` (a restricted backend is wrong on
+        some: its vectors for such text would land elsewhere in the space); none: 503 naming the divergence."""
+        scripts = scripts_in(texts)
+        agreeing = [st for st in members if not st.excluded_scripts & scripts]
+        if agreeing:
+            return agreeing
+        self._metrics.script_refusals.labels(model).inc()
+        wrong = "; ".join(
+            f"{st.backend.name} disagrees on {', '.join(sorted(st.excluded_scripts & scripts))}" for st in members
+        )
+        raise NoBackendAvailable(
+            f"no backend of model {model!r} in service agrees with the model on {', '.join(sorted(scripts))} text "
+            f"({wrong}); the backends that do are out. Retry later",
+            retry_after=self.policy.retry_after_cap_s,
+        )
 
     def _covering(self, model: str, members: list[BackendState], longest: int) -> list[BackendState]:
         """The members whose declared input limit covers `longest` tokens; none: 503 when a configured backend

@@ -137,6 +137,7 @@ class Runtime:
             metrics=self.metrics,
             on_verdicts=lambda: self.cache.sync(self.states),
             tokenizers={m.name: tokenizer_of(m) for m in self.settings.models},
+            on_partial={m.name: m.on_partial_disagreement for m in self.settings.models},
         )
         router = Router(
             self.states,

@@ -37,6 +37,8 @@ class BackendState:
     last_check_error_kind: str | None = None  # why the last failing health check failed (error class kind)
     agreement: Verdict = Verdict.PENDING  # the agreement checker's verdict against the reference
     agreement_detail: str | None = None
+    # RESTRICTED: scripts it disagrees with the model on; requests with text in them never go there.
+    excluded_scripts: frozenset[str] = frozenset()
     last_pass_at: float | None = None  # time.time() of its last passing agreement check (the cache trusts it)
     admission: Admission = field(default_factory=lambda: Admission(DEFAULT_CONCURRENCY))
     workers: int = 1  # processes sharing the backend (serve --workers N): each admits its share

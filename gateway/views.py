@@ -60,6 +60,7 @@ def backends_view(rt: Runtime, workers: list[dict[str, Any]] | None = None, coun
             "circuit": str(st.breaker.state),
             "agreement": str(st.agreement),
             "agreement_detail": st.agreement_detail,
+            "excluded_scripts": sorted(st.excluded_scripts),  # restricted: texts in these never go there
             "space_id": rt.consistency.space_id(b.model) if rt.consistency else None,
             "min_cosine": judged.min_cosine if judged else None,
             "mean_cosine": judged.mean_cosine if judged else None,

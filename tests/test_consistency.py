@@ -49,7 +49,8 @@ def test_f16_vs_q8_agree_without_false_alarm(
         assert verdicts(report)["q8"] in ("agree", "drift")
         assert all(f["severity"] != "error" for f in report["findings"]), report["findings"]
         assert {f["kind"] for f in report["findings"]} <= {"precision_drift", "input_limit"}
-        assert report["agree"] is True and 0.999 <= report["matrix"]["min_cosine"][0][1] < 1.0
+        # q8 vs f16: ~0.9985 on the probes of [UNK]s (emoji, Thai), above 0.9995 elsewhere
+        assert report["agree"] is True and 0.998 <= report["matrix"]["min_cosine"][0][1] < 1.0
         per_probe = report["backends"][1]["per_probe"]
         assert {"sunset-en", "sunset-ja", "unicode", "near-limit"} <= set(per_probe)
         assert min(per_probe.values()) == report["backends"][1]["min_cosine"]

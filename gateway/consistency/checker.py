@@ -34,6 +34,7 @@ from backends.errors import (
 )
 from config.profiles import ModelProfile
 from gateway.calls import BackendCalls, Purpose
+from gateway.consistency.judge import judge_probes, majority, probe_groups
 from gateway.consistency.pooling import POOLINGS, reproduce
 from gateway.consistency.probes import Probe, limit_probes, probe_set
 from gateway.consistency.report import BackendResult, Finding, Report, Verdict
@@ -89,8 +90,12 @@ class Checker:
         space: Space | None = None,
         probes: list[Probe] | None = None,
         tokenizer: ModelTokenizer | None = None,
+        on_partial: str = "restrict",
     ) -> None:
         self.model = model
+        self.on_partial = on_partial  # "restrict" | "quarantine": a backend wrong on a few scripts only
+        # (backend, probe index) -> (its tokens, the model tokenizer's) for probes in dispute
+        self._tokens: dict[tuple[str, int], tuple[int, int]] = {}
         self.tokenizer = tokenizer  # the model's: probes at its limit, and where a backend truncates
         self.profile = profile
         self.states = sorted(states, key=lambda st: st.backend.priority)
@@ -149,6 +154,10 @@ class Checker:
             )
         for st, res in zip(live, results, strict=True):
             vectors[st.backend.name] = res
+        if self.only is None:
+            await self._token_evidence(live, vectors, probes, prompt_names)
+            if self.space is None:
+                self._elect(vectors, report)
         ref_state = next((st for st in self.states if st.backend.name == self.reference_name), None)
         ref = vectors.get(self.reference_name or "")
         texts = tuple(pr.text for pr in probes)
@@ -235,6 +244,95 @@ class Checker:
                 if cos and min(cos.values()) >= self.profile.agree_cosine:
                     return st
         return None
+
+    def _elect(self, vectors: dict[str, _Vectors | BackendError], report: Report) -> None:
+        """Unpinned: the largest group of backends that agree with each other defines the space, not the
+        first backend (see judge.py). A preferred reference outvoted is judged like any other backend."""
+        rows = {
+            st.backend.name: res.rows
+            for st in self.states
+            if isinstance(res := vectors.get(st.backend.name), _Vectors) and not st.shadow
+        }
+        if not rows:
+            return
+        names = [st.backend.name for st in self.states]
+        preferred = self.reference_name
+        preference = ([preferred] if preferred else []) + [n for n in names if n != preferred]
+        elected = majority(rows, preference, self.profile.agree_cosine, self._token_match())
+        report.groups = elected.groups
+        if elected.truth is not None and elected.truth != preferred:
+            if preferred in rows:
+                why = (
+                    f"the group {elected.groups[0]} agrees with each other"
+                    if len(elected.groups[0]) > 1
+                    else "its tokenization matches the model's tokenizer where they differ"
+                )
+                report.findings.append(
+                    Finding(
+                        preferred,
+                        "majority",
+                        "warning",
+                        f"was the reference, but {elected.truth} defines the space now: {why}; "
+                        f"{preferred} is judged like any other backend",
+                    )
+                )
+            self.reference_name = elected.truth
+
+    def _token_match(self) -> dict[str, dict[int, bool]]:
+        out: dict[str, dict[int, bool]] = {}
+        for (name, i), (mine, model) in self._tokens.items():
+            out.setdefault(name, {})[i] = mine == model
+        return out
+
+    async def _token_evidence(
+        self,
+        live: list[BackendState],
+        vectors: dict[str, _Vectors | BackendError],
+        probes: list[Probe],
+        prompt_names: list[str | None],
+    ) -> None:
+        """Short probes in dispute (some pair, or some backend and the pinned space, below warn_cosine):
+        how many tokens each backend with a tokenize route makes of them, and the model's tokenizer."""
+        if self.tokenizer is None:
+            return
+        results = {st.backend.name: v for st in live if isinstance(v := vectors.get(st.backend.name), _Vectors)}
+        sides = list(results.values())
+        if self.space is not None:
+            sides.append(_Vectors({k: v for k, v in self.space.rows.items() if k[1] < len(probes)}, [], set()))
+        disputed: dict[int, str | None] = {}
+        for a_i, a in enumerate(sides):
+            for b in sides[a_i + 1 :]:
+                for (pname, i), c in self._cosines(a, b).items():
+                    if c < self.profile.warn_cosine and not probes[i].long:
+                        disputed.setdefault(i, pname)
+        for i, pname in sorted(disputed.items())[:8]:
+            prefix = self.profile.prompts.get(pname, "") if pname else ""
+            text = prefix + probes[i].text
+            model = self.tokenizer.counts([text])[0]
+            for st in live:
+                if st.backend.name not in results:
+                    continue
+                try:
+                    async with asyncio.timeout(_DESCRIBE_TIMEOUT_S):
+                        ids = await st.backend.tokenize(text)
+                except (BackendError, TimeoutError, ValueError, KeyError, TypeError):
+                    ids = None
+                if ids is not None:
+                    self._tokens[(st.backend.name, i)] = (len(ids), model)
+
+    def _token_story(self, name: str, bad: list[int], probes: list[Probe]) -> str:
+        """'tokenization differs on Hangul: 12 tokens vs 24 in the model's tokenizer (sunset-ko)' for each
+        disagreeing probe where the backend's tokens differ from the model's."""
+        parts = []
+        for i in bad:
+            counts = self._tokens.get((name, i))
+            if counts is not None and counts[0] != counts[1]:
+                where = ", ".join(probe_groups(probes[i])[1:])
+                parts.append(
+                    f"tokenization differs on {where}: {counts[0]} tokens vs {counts[1]} in the model's tokenizer "
+                    f"({probes[i].name})"
+                )
+        return "; ".join(parts)
 
     # -- gathering -------------------------------------------------------------------------------
     async def _describe(self, st: BackendState) -> BackendInfo | None:
@@ -408,9 +506,15 @@ class Checker:
                     f"rejects probe '{probes[i].name}' that the reference embeds: its input limit is lower",
                 )
             )
-        if lo >= p.warn_cosine:
+        matches = self._token_match()
+        # Its tokens differing from the model's are evidence only where the truth's do not differ too.
+        truth_tokens = matches.get(ref_state.backend.name, {}) if ref_state is not None and self.space is None else {}
+        mine = {i: ok for i, ok in matches.get(name, {}).items() if ok or truth_tokens.get(i) is not False}
+        judged = judge_probes(res.rows, ref.rows, probes, p.agree_cosine, p.warn_cosine, mine)
+        result.per_group = judged.group_min
+        if not judged.bad and lo >= p.warn_cosine:
             return result
-        if lo >= p.agree_cosine:
+        if not judged.bad:
             result.verdict = Verdict.DRIFT
             report.findings.append(
                 Finding(
@@ -422,53 +526,46 @@ class Checker:
                 )
             )
             return result
-        result.verdict = Verdict.DISAGREE
-        report.findings += await self._diagnose(st, res, ref_state, cos, probes, prompt_names, report, lo, mean)
-        if ref_state is not None:
-            report.findings += await self._tokenization(st, ref_state, cos, probes)
-        return result
-
-    async def _tokenization(
-        self,
-        st: BackendState,
-        ref_state: BackendState,
-        cos: dict[tuple[str | None, int], float],
-        probes: list[Probe],
-    ) -> list[Finding]:
-        """Evidence for probes that disagree: how many tokens each side (and the model's tokenizer) makes of
-        the text as sent. Different counts mean a tokenizer differs, not the weights."""
-        bad: dict[int, str | None] = {}
-        for (pname, i), c in sorted(cos.items(), key=lambda kv: kv[1]):
-            if c < self.profile.agree_cosine and i not in bad and not probes[i].long:
-                bad[i] = pname
-        out: list[Finding] = []
-        for i, pname in list(bad.items())[:4]:
-            prefix = self.profile.prompts.get(pname, "") if pname else ""
-            text = prefix + probes[i].text
-            counts: dict[str, int] = {}
-            for side in (st, ref_state):
-                try:
-                    async with asyncio.timeout(_DESCRIBE_TIMEOUT_S):
-                        ids = await side.backend.tokenize(text)
-                except (BackendError, TimeoutError, ValueError):
-                    ids = None
-                if ids is not None:
-                    counts[side.backend.name] = len(ids)
-            model = self.tokenizer.counts([text])[0] if self.tokenizer is not None else None
-            if len(counts) < 2 or len(set(counts.values())) == 1:
-                continue  # unknown, or the same number of tokens: the difference is elsewhere
-            said = ", ".join(f"{name} {n}" for name, n in counts.items())
-            said += f", the model's tokenizer {model}" if model is not None else ""
-            out.append(
+        story = self._token_story(name, judged.bad, probes)
+        groups = sorted({g for i in judged.bad for g in probe_groups(probes[i])[1:]})
+        where = ", ".join(f"{probes[i].name} {result.per_probe[probes[i].name]:.5f}" for i in judged.bad)
+        if judged.excluded is not None:
+            restrict = self.on_partial == "restrict"
+            result.verdict = Verdict.RESTRICTED if restrict else Verdict.DISAGREE
+            result.excluded_scripts = sorted(judged.excluded) if restrict else []
+            outcome = (
+                "it serves texts without these scripts; requests with them go to backends that agree"
+                if restrict
+                else 'quarantined (on_partial_disagreement = "quarantine")'
+            )
+            report.findings.append(
                 Finding(
-                    st.backend.name,
-                    "tokenization",
-                    "info",
-                    f"probe '{probes[i].name}' (cosine {cos[(pname, i)]:.5f} to {ref_state.backend.name}): tokens: "
-                    f"{said}; the backends tokenize this text differently",
+                    name,
+                    "partial_disagreement",
+                    "warning" if restrict else "error",
+                    f"disagrees on {', '.join(groups)} only ({where}); every other probe group agrees"
+                    + (f": {story}" if story else "")
+                    + f"; {outcome}",
                 )
             )
-        return out
+            return result
+        result.verdict = Verdict.DISAGREE
+        found = await self._diagnose(st, res, ref_state, cos, probes, prompt_names, report, lo, mean)
+        judged_probes = len({i for _, i in cos})
+        if [f.kind for f in found] == ["different_model"] and len(judged.bad) * 2 < judged_probes:
+            # Most groups agree: not "another model" but something about these texts.
+            found = [
+                Finding(
+                    name,
+                    "partial_disagreement",
+                    "error",
+                    f"disagrees on {', '.join(groups)} ({where}) while the other probes agree"
+                    + (f": {story}" if story else "")
+                    + "; quarantined: these are not texts the gateway can route around",
+                )
+            ]
+        report.findings += found
+        return result
 
     async def _truncation_point(
         self,

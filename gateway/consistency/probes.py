@@ -1,5 +1,7 @@
-"""The built-in probe set: multilingual (the model card's sunset sentences), short and long, one near the
-token limit, unicode and whitespace edge cases. Named, so findings can say which probe disagreed."""
+"""The built-in probe set: multilingual (the model card's sunset sentences, one per script group: Latin,
+Cyrillic, Greek, Han, Hangul, Devanagari, Arabic, kana, Thai), emoji, code, short and long, one near the
+token limit, unicode and whitespace edge cases. Named, so findings can say which probe disagreed; grouped
+(judge.probe_groups), so they can say which kind of text."""
 
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ SUNSETS = {
     "it": "Un bellissimo tramonto sulla spiaggia",
     "ja": "浜辺に沈む美しい夕日",
     "ko": "해변 위로 아름다운 일몰",
+    "ru": "Красивый закат над пляжем",
+    "th": "พระอาทิตย์ตกที่สวยงามเหนือชายหาด",
 }
 _LONG_SENTENCE = (
     "Golden sunlight melts into the horizon, painting waves in warm amber and rose, "
@@ -45,6 +49,8 @@ def probe_set(max_input_tokens: int) -> list[Probe]:
         Probe("whitespace-edges", "   padded with spaces   "),
         Probe("inner-whitespace", "tabs\tand\nnew lines\n\nin between"),
         Probe("sentence", "Paris is the capital and most populous city of France."),
+        Probe("emoji", "🌅 🏖️ 🌊 ☀️"),
+        Probe("code", "def add(a: int, b: int) -> int:\n    return a + b  # sum of two numbers"),
     ]
     budget = min(max_input_tokens, _MAX_PROBE_TOKENS)
     # About 4.5 characters per token for English WordPiece/BPE; stay well inside the limit (the

@@ -12,6 +12,7 @@ class Verdict(StrEnum):
     REFERENCE = "reference"  # the yardstick: compatible by definition
     AGREE = "agree"  # every probe at or above warn_cosine
     DRIFT = "drift"  # between agree_cosine and warn_cosine: precision drift, still one space
+    RESTRICTED = "restricted"  # wrong on a few scripts only: serves texts in the others
     DISAGREE = "disagree"  # below agree_cosine: quarantined
     ERROR = "error"  # could not be checked (unreachable, failing): not verified
     PENDING = "pending"  # not checked yet
@@ -19,14 +20,15 @@ class Verdict(StrEnum):
 
     @property
     def compatible(self) -> bool:
-        return self in (Verdict.REFERENCE, Verdict.AGREE, Verdict.DRIFT)
+        return self in (Verdict.REFERENCE, Verdict.AGREE, Verdict.DRIFT, Verdict.RESTRICTED)
 
 
 @dataclass
 class Finding:
     backend: str
     kind: str  # dimension | prompt_missing | prompt_doubled | prompt_wrong | pooling | normalization |
-    #            truncation | precision_drift | different_model | static_mismatch | unavailable
+    #            truncation | precision_drift | different_model | static_mismatch | unavailable |
+    #            partial_disagreement | tokenization | majority
     severity: str  # info | warning | error
     message: str
 
@@ -43,6 +45,8 @@ class BackendResult:
     worst_probe: str | None = None
     error: str | None = None
     per_probe: dict[str, float] = field(default_factory=dict)  # probe -> cosine to the reference (min over prompts)
+    per_group: dict[str, float] = field(default_factory=dict)  # probe group (length, script) -> min cosine
+    excluded_scripts: list[str] = field(default_factory=list)  # RESTRICTED: requests with these never go there
 
 
 @dataclass
@@ -55,6 +59,8 @@ class Report:
     matrix: list[list[float | None]] = field(default_factory=list)  # min cosine over probes, pairwise
     findings: list[Finding] = field(default_factory=list)
     probes: int = 0
+    # Backends that agree with each other on every probe; the first group defines the space (unpinned).
+    groups: list[list[str]] = field(default_factory=list)
     checked_at: float = field(default_factory=time.time)
     duration_ms: float = 0.0
 
@@ -99,7 +105,8 @@ def render(reports: list[Report]) -> str:
             extra = f" min {b.min_cosine:.5f} mean {b.mean_cosine:.5f}" if b.min_cosine is not None else ""
             worst = f" (worst: {b.worst_probe})" if b.worst_probe and b.verdict is not Verdict.REFERENCE else ""
             err = f" — {b.error}" if b.error else ""
-            out.append(f"  {b.name:<{width}} {b.verdict.upper():<9}{extra}{worst}{err}")
+            scripts = f" (not for {', '.join(b.excluded_scripts)} text)" if b.excluded_scripts else ""
+            out.append(f"  {b.name:<{width}} {b.verdict.upper():<10}{extra}{worst}{scripts}{err}")
         if r.findings:
             out.append("  findings:")
             for f in r.findings:

@@ -26,6 +26,7 @@ from gateway.calls import BackendCalls
 from gateway.consistency.checker import Checker, RecordedReference
 from gateway.consistency.probes import Probe
 from gateway.consistency.report import Report, Verdict
+from gateway.consistency.scripts import SCRIPTS
 from gateway.consistency.space import Space, live_space_id
 from gateway.metrics import Metrics
 from gateway.resilience.deadline import Deadline
@@ -51,8 +52,10 @@ class ConsistencyService:
         metrics: Metrics | None = None,
         on_verdicts: Callable[[], None] = lambda: None,
         tokenizers: dict[str, ModelTokenizer | None] | None = None,
+        on_partial: dict[str, str] | None = None,
     ) -> None:
         self.settings = settings
+        self._on_partial = on_partial or {}
         self._tokenizers = tokenizers or {}
         self._on_verdicts = on_verdicts  # e.g. the cache drops what a quarantined backend produced
         self.profiles = profiles
@@ -76,6 +79,7 @@ class ConsistencyService:
         self.drifted: dict[str, str] = {}  # model -> what happened, while every backend left its pinned space
         self._metrics = metrics
         self._gates: dict[str, asyncio.Task[None]] = {}
+        self._exported_scripts: set[tuple[str, str, str]] = set()  # series once set, kept at 0 after
         for group in self._by_model.values():
             for st in group:
                 st.agreement = Verdict.PENDING if settings.enabled else Verdict.UNCHECKED
@@ -306,6 +310,7 @@ class ConsistencyService:
                 space=space,
                 probes=probes,
                 tokenizer=self._tokenizers.get(model),
+                on_partial=self._on_partial.get(model, "restrict"),
             )
             try:
                 report = await checker.run()
@@ -316,6 +321,15 @@ class ConsistencyService:
                 self._recorded[model] = checker.recording
                 # Computed here, once per live check: `space_id` is read on every request.
                 self._live_ids[model] = live_space_id(model, self.profiles[model], checker.recording.vectors.rows)
+            if only is None and space is None and report.reference and report.reference != self._anchor.get(model):
+                # Elected by the majority (judge.py): the next checks prefer it in a tie.
+                log.warning(
+                    "model %s: %s defines the space (backends that agree: %s)",
+                    model,
+                    report.reference,
+                    report.groups[0] if report.groups else [report.reference],
+                )
+                self._anchor[model] = report.reference
             self._apply(model, report)
             if space is not None and only is None:
                 self._judge_drift(model, report)
@@ -351,6 +365,12 @@ class ConsistencyService:
         for b in report.backends:
             if b.min_cosine is not None:
                 self._metrics.agreement_min_cosine.labels(model, b.name).set(b.min_cosine)
+        for st in self._by_model[model]:
+            for script in SCRIPTS:
+                excluded = script in st.excluded_scripts
+                if excluded or (st.backend.name, model, script) in self._exported_scripts:
+                    self._metrics.excluded_scripts.labels(st.backend.name, model, script).set(1 if excluded else 0)
+                    self._exported_scripts.add((st.backend.name, model, script))
         if (sid := self.space_id(model)) is not None:
             self._metrics.set_space(model, sid)
 
@@ -371,6 +391,7 @@ class ConsistencyService:
                 st.agreement_detail = res.error
                 continue
             st.agreement = res.verdict
+            st.excluded_scripts = frozenset(res.excluded_scripts)
             if res.verdict.compatible:
                 st.last_pass_at = report.checked_at
             finding = findings.get(st.backend.name)

@@ -31,6 +31,7 @@ def build(rt: Runtime, workers: int, quotas: dict[str, list[int]] | None = None)
             "healthy": st.healthy,
             "agreement": str(st.agreement),
             "agreement_detail": st.agreement_detail,
+            "excluded_scripts": sorted(st.excluded_scripts),
             "last_pass_at": st.last_pass_at,
             "check_error": st.last_check_error_kind,
             "last_error": st.last_error,
@@ -60,6 +61,7 @@ def apply(snapshot: Snapshot, rt: Runtime) -> None:
         st.healthy = b["healthy"]
         st.agreement = Verdict(b["agreement"])
         st.agreement_detail = b["agreement_detail"]
+        st.excluded_scripts = frozenset(b.get("excluded_scripts") or ())
         st.last_pass_at = b["last_pass_at"]
         st.last_check_error_kind = b["check_error"]
         st.last_error = b["last_error"]
