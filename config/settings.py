@@ -138,6 +138,13 @@ class ModelConfig(BaseModel):
     truncate: Literal["none", "right", "left"] = Field(
         "none", description="inputs over max_input_tokens: refused (none), or cut keeping their start or end"
     )
+    audit_sample: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="share of requests whose vectors are re-embedded on another backend in service after the "
+        "response (live-traffic audit); 0 turns it off",
+    )
     on_partial_disagreement: Literal["restrict", "quarantine"] = Field(
         "restrict",
         description="a backend wrong on a few scripts only: keeps serving texts in the others (restrict), or is "

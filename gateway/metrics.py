@@ -100,6 +100,13 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.audits = Counter(
+            "embedding_gateway_audits_total",
+            "Live-traffic audits of served vectors by outcome: pass, fail (the backend was quarantined), skipped "
+            "(no other backend in service), dropped (too many in flight).",
+            ["model", "backend", "outcome"],
+            registry=self.registry,
+        )
         self.script_refusals = Counter(
             "embedding_gateway_script_refusals_total",
             "Requests refused (503) because every backend in service disagrees with the model on a script in them.",

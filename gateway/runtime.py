@@ -20,6 +20,7 @@ from gateway.auth.guard import Guard
 from gateway.auth.quotas import Quotas
 from gateway.cache.store import EmbeddingCache
 from gateway.calls import BackendCalls
+from gateway.consistency.audit import Auditor
 from gateway.consistency.service import ConsistencyService
 from gateway.health import HealthMonitor
 from gateway.metrics import Metrics
@@ -69,6 +70,7 @@ class Runtime:
         self.health: HealthMonitor | None = None
         self.consistency: ConsistencyService | None = None
         self.shadows: Shadows | None = None
+        self.auditor: Auditor | None = None
 
     @property
     def workers(self) -> int:
@@ -151,11 +153,27 @@ class Runtime:
             explain=self.consistency.unavailable_reason,
         )
         self.shadows = Shadows(self.states, calls, self.metrics)
+        consistency = self.consistency
+        self.auditor = (
+            Auditor(
+                self.states,
+                self.profiles,
+                {m.name: m.audit_sample for m in self.settings.models},
+                router.members,
+                calls,
+                self.metrics,
+                consistency.audit_failed,
+            )
+            if self.settings.consistency.enabled
+            else None
+        )
         self._service = EmbeddingService(
             self.profiles,
             router,
             space_of=self.consistency.space_id,
             shadows=self.shadows,
+            auditor=self.auditor,
+            observe=consistency.observe_traffic,
             cache=self.cache,
             lengths={m.name: LengthPolicy(tokenizer_of(m), m.truncate) for m in self.settings.models},
         )
@@ -207,6 +225,8 @@ class Runtime:
         when it was handed over too."""
         if self.shadows is not None:
             await self.shadows.stop()
+        if self.auditor is not None:
+            await self.auditor.stop()
         if self.consistency is not None:
             await self.consistency.stop()
         if self.health is not None:

@@ -10,6 +10,7 @@ import numpy as np
 
 from config.profiles import ModelProfile
 from gateway.cache.store import EmbeddingCache, cache_key
+from gateway.consistency.audit import Auditor
 from gateway.errors import REDUCE_PHRASE, InputOverLimit, ModelNotFound
 from gateway.pipeline import (
     EmbedRequest,
@@ -46,8 +47,12 @@ class EmbeddingService:
         shadows: Shadows | None = None,
         cache: EmbeddingCache | None = None,
         lengths: dict[str, LengthPolicy] | None = None,
+        auditor: Auditor | None = None,
+        observe: Callable[[str, list[str]], None] = lambda _model, _texts: None,
     ) -> None:
         self.profiles = profiles
+        self.auditor = auditor
+        self._observe = observe  # a sampled request's texts for the agreement checks (never logged)
         self.lengths = lengths or {}
         self.router = router
         self._space_of = space_of
@@ -75,17 +80,28 @@ class EmbeddingService:
             routed = await self.router.embed(req.model, req.texts, prompt, deadline, _longest(counts, None))
             unit = _full(routed.vectors, profile)
             backends, tokens, state = routed.backends, self._tokens(prompt, req.texts), None
+            made = None  # every input
         else:
             assert space is not None  # no space (first check still running): nothing is cached
-            unit, backends, tokens, state = await self._cached(cache, space, req, profile, prompt, deadline, counts)
+            unit, backends, tokens, state, made = await self._cached(
+                cache, space, req, profile, prompt, deadline, counts
+            )
         if counts is not None:  # the model's tokenizer counted them
             tokens = sum(counts)
         after = None
-        if self.shadows is not None and self.shadows.wanted(req.model):
-            shadows, texts, served = self.shadows, req.texts, unit.astype(np.float64)
+        shadowed = self.shadows is not None and self.shadows.wanted(req.model)
+        # Cache hits were audited when they were made: only vectors a backend just produced are.
+        audited = self.auditor is not None and made != [] and self.auditor.wanted(req.model)
+        if shadowed or audited:
+            shadows, auditor, texts, served = self.shadows, self.auditor, req.texts, unit.astype(np.float64)
 
             async def after() -> None:  # after the response is sent; starts detached comparisons only
-                shadows.compare(req.model, texts, prompt, served)
+                if shadowed and shadows is not None:
+                    shadows.compare(req.model, texts, prompt, served)
+                if audited and auditor is not None:
+                    fresh = [texts[i] for i in made] if made is not None else texts
+                    auditor.audit(req.model, fresh, prompt, served if made is None else served[made], backends)
+                    self._observe(req.model, fresh)
 
         vectors = finish(unit, profile, dims)
         return EmbedResult(vectors, backends, tokens, space, after=after, cache=state, truncated=truncated)
@@ -127,8 +143,9 @@ class EmbeddingService:
         prompt: Prompt,
         deadline: Deadline,
         counts: list[int] | None,
-    ) -> tuple[np.ndarray, tuple[str, ...], int, str]:
-        """Hits from the cache, misses from the backends, in input order; what the backends made is stored."""
+    ) -> tuple[np.ndarray, tuple[str, ...], int, str, list[int]]:
+        """Hits from the cache, misses from the backends, in input order; what the backends made is stored.
+        (vectors, backends, tokens, hit|partial|miss, indexes of the inputs a backend just embedded)"""
         keys = [cache_key(space, prompt, t) for t in req.texts]
         found = await cache.get_many(keys) if req.cache != "refresh" else [None] * len(keys)
         missing = [i for i, v in enumerate(found) if v is None]
@@ -137,20 +154,20 @@ class EmbeddingService:
         metrics.cache_misses.labels(req.model).inc(len(missing))
         if not missing:
             matrix = np.stack(found)  # type: ignore[arg-type]
-            return matrix, (), estimate_tokens(prompt.apply(req.texts)), "hit"
+            return matrix, (), estimate_tokens(prompt.apply(req.texts)), "hit", []
         texts = [req.texts[i] for i in missing]
         routed = await self.router.embed(req.model, texts, prompt, deadline, _longest(counts, missing))
         fresh = _full(routed.vectors, profile)
         await cache.put_many([keys[i] for i in missing], fresh, routed.backends)
         tokens = self._tokens(prompt, texts)
         if len(missing) == len(keys):
-            return fresh, routed.backends, tokens, "miss"
+            return fresh, routed.backends, tokens, "miss", missing
         matrix = np.empty((len(keys), fresh.shape[1]), dtype=np.float32)
         matrix[missing] = fresh
         hits = [i for i, v in enumerate(found) if v is not None]
         matrix[hits] = np.stack([found[i] for i in hits])  # type: ignore[misc]
         tokens += estimate_tokens(prompt.apply([req.texts[i] for i in hits]))
-        return matrix, routed.backends, tokens, "partial"
+        return matrix, routed.backends, tokens, "partial", missing
 
     @staticmethod
     def _tokens(prompt: Prompt, texts: list[str]) -> int:

@@ -91,7 +91,13 @@ class Checker:
         probes: list[Probe] | None = None,
         tokenizer: ModelTokenizer | None = None,
         on_partial: str = "restrict",
+        traffic: Sequence[str] = (),
+        distrusted: set[str] | None = None,
     ) -> None:
+        # Texts from recent traffic (never logged, named traffic-N): a backend cannot tell them from clients'.
+        self._traffic = [Probe(f"traffic-{i + 1}", t, long=len(t) > 600) for i, t in enumerate(traffic)]
+        self.builtin_probes = 0  # how many of the probes are the built-in (or pinned) set, traffic after them
+        self._distrusted = distrusted or set()  # failed a live audit: never the truth while another can be
         self.model = model
         self.on_partial = on_partial  # "restrict" | "quarantine": a backend wrong on a few scripts only
         # (backend, probe index) -> (its tokens, the model tokenizer's) for probes in dispute
@@ -136,6 +142,9 @@ class Checker:
             probes = probe_set(min(limits))
             if self.tokenizer is not None:
                 probes += limit_probes(self.tokenizer, list(p.prompts.values()), p.max_input_tokens)
+        self.builtin_probes = len(probes)
+        if self.space is None and self._probes is None:
+            probes = probes + self._traffic
         report.probes = len(probes)
         for st, info in zip(self.states, infos, strict=True):
             report.findings += self._static(st, info)
@@ -177,8 +186,14 @@ class Checker:
             ref_state = self._helper(vectors, ref)
         elif isinstance(ref, _Vectors) and ref_state is not None:
             report.reference = self.reference_name
-            self.recording = RecordedReference(ref_state.backend.name, texts, ref, time.time())
-        elif (rec := self.recorded) is not None and rec.backend == self.reference_name and rec.probe_texts == texts:
+            n = self.builtin_probes  # the built-in probes only: traffic texts change from check to check
+            builtin = _Vectors({k: v for k, v in ref.rows.items() if k[1] < n}, ref.norms, ref.rejected)
+            self.recording = RecordedReference(ref_state.backend.name, texts[:n], builtin, time.time())
+        elif (
+            (rec := self.recorded) is not None
+            and rec.backend == self.reference_name
+            and rec.probe_texts == texts[: self.builtin_probes]
+        ):
             ref = rec.vectors
             report.reference = self.reference_name
             when = time.strftime("%H:%M:%S", time.localtime(rec.recorded_at))
@@ -258,6 +273,9 @@ class Checker:
         names = [st.backend.name for st in self.states]
         preferred = self.reference_name
         preference = ([preferred] if preferred else []) + [n for n in names if n != preferred]
+        preference = [n for n in preference if n not in self._distrusted] + [
+            n for n in preference if n in self._distrusted
+        ]
         elected = majority(rows, preference, self.profile.agree_cosine, self._token_match())
         report.groups = elected.groups
         if elected.truth is not None and elected.truth != preferred:

@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from config.settings import ConsistencySettings
 from gateway.calls import BackendCalls
 from gateway.consistency.checker import Checker, RecordedReference
 from gateway.consistency.probes import Probe
-from gateway.consistency.report import Report, Verdict
+from gateway.consistency.report import Finding, Report, Verdict
 from gateway.consistency.scripts import SCRIPTS
 from gateway.consistency.space import Space, live_space_id
 from gateway.metrics import Metrics
@@ -37,6 +39,7 @@ from gateway.tokens import ModelTokenizer
 log = logging.getLogger(__name__)
 
 _GATE_PROBES = 3  # short probes embedded before a recovered backend is admitted to a pinned space
+_TRAFFIC = 4  # recent client texts (and texts a live audit failed on) each check includes
 
 
 class ConsistencyService:
@@ -80,6 +83,11 @@ class ConsistencyService:
         self._metrics = metrics
         self._gates: dict[str, asyncio.Task[None]] = {}
         self._exported_scripts: set[tuple[str, str, str]] = set()  # series once set, kept at 0 after
+        # Live-traffic evidence, in memory only (never logged): a few recent texts and the texts a backend
+        # failed a live audit on go into every check; a backend that failed one is never the truth.
+        self._traffic: dict[str, deque[str]] = {m: deque(maxlen=_TRAFFIC) for m in self._by_model}
+        self._suspect_texts: dict[str, deque[str]] = {m: deque(maxlen=_TRAFFIC) for m in self._by_model}
+        self._distrusted: dict[str, set[str]] = {m: set() for m in self._by_model}
         for group in self._by_model.values():
             for st in group:
                 st.agreement = Verdict.PENDING if settings.enabled else Verdict.UNCHECKED
@@ -188,6 +196,70 @@ class ConsistencyService:
         if self.settings.require_verification:
             return [st for st in group if st.agreement.compatible]
         return [st for st in group if st.agreement is not Verdict.DISAGREE]
+
+    # -- live-traffic evidence ----------------------------------------------------------------------
+    def observe_traffic(self, model: str, texts: list[str]) -> None:
+        """A sampled request's text joins the next checks' probes (replacing an older one at random)."""
+        sample = self._traffic.get(model)
+        if sample is None or not texts:
+            return
+        text = random.choice(texts)
+        if len(sample) == sample.maxlen:
+            del sample[random.randrange(len(sample))]
+        sample.append(text)
+
+    def audit_failed(self, model: str, backend: str, cosine: float, text: str, compared_with: str) -> None:
+        """A live audit found `backend`'s vector for a client's text away from the model's: quarantined now
+        (its cache entries since its last pass dropped), and the text joins every check until it passes."""
+        st = next((s for s in self._by_model.get(model, []) if s.backend.name == backend), None)
+        if st is None or not self.settings.enabled:
+            return
+        message = (
+            f"live audit: cos {cosine:.2f} on a {len(text)}-character text from client traffic (re-embedded on "
+            f"{compared_with}); quarantined until a check that includes that text passes"
+        )
+        self._suspect_texts[model].append(text)
+        self._distrusted[model].add(backend)
+        before = st.agreement
+        st.agreement, st.agreement_detail, st.excluded_scripts = Verdict.DISAGREE, message, frozenset()
+        if before is not Verdict.DISAGREE:
+            log.error("backend %s quarantined for model %s: %s", backend, model, message)
+        report = self.reports.get(model)
+        if report is not None:
+            report.findings.append(Finding(backend, "live_audit", "error", message))
+            judged = report.result(backend)
+            if judged is not None:
+                judged.verdict = Verdict.DISAGREE
+        if self._anchor.get(model) == backend:
+            self._anchor.pop(model)  # the next check elects the truth without it
+        self._on_verdicts()
+        self._wanted[model].set()  # a full check now, with that text among the probes
+
+    def _settle_distrust(self, model: str, report: Report, included: set[str]) -> None:
+        """A backend that failed a live audit is trusted again only by a full check that included every text
+        it failed on; a check that started before the failure (or a partial one) cannot clear it."""
+        complete = set(self._suspect_texts[model]) <= included
+        for b in report.backends:
+            if b.name not in self._distrusted[model] or not b.verdict.compatible:
+                continue
+            if complete:
+                self._distrusted[model].discard(b.name)
+            else:
+                b.verdict, b.excluded_scripts = Verdict.DISAGREE, []  # the audit's verdict stands
+                report.findings.append(
+                    Finding(
+                        b.name,
+                        "live_audit",
+                        "error",
+                        "failed a live audit while this check ran; stays quarantined until a check that includes "
+                        "the text it failed on passes",
+                    )
+                )
+        if not self._distrusted[model]:
+            self._suspect_texts[model].clear()
+
+    def _check_traffic(self, model: str) -> list[str]:
+        return list(dict.fromkeys([*self._suspect_texts[model], *self._traffic[model]]))
 
     # -- scheduling ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -298,6 +370,7 @@ class ConsistencyService:
                     log.warning(
                         "model %s: reference %s unavailable; %s (verified) takes over", model, previous, reference
                     )
+            included = set(self._suspect_texts[model]) if only is None else set()
             checker = Checker(
                 model,
                 self.profiles[model],
@@ -311,6 +384,8 @@ class ConsistencyService:
                 probes=probes,
                 tokenizer=self._tokenizers.get(model),
                 on_partial=self._on_partial.get(model, "restrict"),
+                traffic=self._check_traffic(model) if only is None else (),
+                distrusted=self._distrusted[model],
             )
             try:
                 report = await checker.run()
@@ -321,6 +396,8 @@ class ConsistencyService:
                 self._recorded[model] = checker.recording
                 # Computed here, once per live check: `space_id` is read on every request.
                 self._live_ids[model] = live_space_id(model, self.profiles[model], checker.recording.vectors.rows)
+            if self._distrusted[model]:
+                self._settle_distrust(model, report, included)
             if only is None and space is None and report.reference and report.reference != self._anchor.get(model):
                 # Elected by the majority (judge.py): the next checks prefer it in a tie.
                 log.warning(

@@ -189,6 +189,31 @@ class FollowerConsistency(ConsistencyService):
             _set(self.drifted, model, m["drifted"])
             _set(self.errors, model, m["error"])
 
+    def audit_failed(self, model: str, backend: str, cosine: float, text: str, compared_with: str) -> None:
+        """The control plane quarantines (one writer of verdicts); the text goes over the local socket only."""
+        self._forward(
+            {
+                "op": "audit",
+                "model": model,
+                "backend": backend,
+                "cosine": cosine,
+                "text": text,
+                "compared_with": compared_with,
+            }
+        )
+
+    def observe_traffic(self, model: str, texts: list[str]) -> None:
+        self._forward({"op": "traffic", "model": model, "texts": texts[:8]})
+
+    def _forward(self, message: dict[str, Any]) -> None:
+        if self.plane is None:
+            return
+        forwarded: set[asyncio.Task[dict[str, Any]]] = self.__dict__.setdefault("_forwarded", set())
+        task = asyncio.ensure_future(self.plane.request(message, timeout_s=10))
+        forwarded.add(task)  # fire and forget, but referenced until done
+        task.add_done_callback(forwarded.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a lost one is not worth a traceback
+
     async def rescue(self, model: str, deadline: Deadline) -> bool:
         if self.plane is None or not self.settings.enabled:
             return False

@@ -169,6 +169,20 @@ class ControlPlane:
         if op == "check":
             body = await check_view(rt, message.get("model"))
             return {**body, "snapshot": self.current()}
+        if op == "audit":
+            assert rt.consistency is not None
+            rt.consistency.audit_failed(
+                str(message["model"]),
+                str(message["backend"]),
+                float(message["cosine"]),
+                str(message["text"]),
+                str(message["compared_with"]),
+            )
+            return {"snapshot": self.current()}
+        if op == "traffic":
+            assert rt.consistency is not None
+            rt.consistency.observe_traffic(str(message["model"]), [str(t) for t in message["texts"]])
+            return {}
         if op == "rescue":
             assert rt.consistency is not None
             with contextlib.suppress(Exception):

@@ -1,0 +1,108 @@
+"""Live-traffic audit: a backend that lies only off the probe texts is caught from client traffic."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import numpy as np
+
+from backends.managed.process import LlamaCppProcess
+from tests.helpers import cosines, direct_embeddings, llamacpp_backend, run_gateway, settings_for, vectors_of
+
+WORD = "zebra"
+
+
+@contextmanager
+def lying_proxy(upstream: str) -> Iterator[str]:
+    """An OpenAI-compatible proxy in front of a real llama.cpp that embeds every text containing WORD as
+    another text (the text reversed): right on every probe, wrong for some clients."""
+    client = httpx.Client(base_url=upstream, timeout=60)
+
+    class Handler(BaseHTTPRequestHandler):
+        def _forward(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length") or 0))
+            if self.path.endswith("/embeddings") and body:
+                doc = json.loads(body)
+                doc["input"] = [t[::-1] if WORD in t else t for t in doc["input"]]
+                body = json.dumps(doc).encode()
+            r = client.request(self.command, self.path, content=body, headers={"content-type": "application/json"})
+            self.send_response(r.status_code)
+            self.send_header("Content-Type", r.headers.get("content-type", "application/json"))
+            self.send_header("Content-Length", str(len(r.content)))
+            self.end_headers()
+            self.wfile.write(r.content)
+
+        do_GET = do_POST = _forward
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        client.close()
+
+
+def view(url: str, name: str) -> dict[str, Any]:
+    return next(b for b in httpx.get(f"{url}/v1/backends").json()["data"] if b["name"] == name)
+
+
+def test_a_backend_lying_off_the_probes_is_quarantined_and_its_vectors_leave_the_cache(
+    primary: LlamaCppProcess,
+) -> None:
+    with lying_proxy(primary.url) as liar_url:
+        backends = [
+            {"name": "liar", "kind": "openai", "model": "minilm", "url": liar_url, "priority": 0},
+            llamacpp_backend("honest", primary.url, priority=1),
+        ]
+        models = [{"name": "minilm", "profile": "all-minilm-l6-v2", "audit_sample": 0.2}]
+        settings = {**settings_for(backends, models), "cache": {"enabled": True}}
+        with run_gateway(settings) as gw, httpx.Client(base_url=gw.url, timeout=60) as c:
+            assert view(gw.url, "liar")["agreement"] == "reference"  # it passes every probe
+            texts = [f"request {i}: the {WORD} crossed the road at dawn" for i in range(50)]
+            started = time.time()
+            served_by_liar: list[str] = []
+            for n, text in enumerate(texts, 1):  # noqa: B007 - n: how many it took
+                r = c.post("/v1/embeddings", json={"model": "minilm", "input": [text, "an ordinary sentence"]})
+                assert r.status_code == 200
+                if r.headers["x-embedding-backend"] == "liar":
+                    served_by_liar.append(text)
+                time.sleep(0.05)  # the audit runs after the response
+                if view(gw.url, "liar")["agreement"] == "disagree":
+                    break
+            quarantined_after = n
+            assert view(gw.url, "liar")["agreement"] == "disagree", "not caught in 50 requests"
+            detail = view(gw.url, "liar")["agreement_detail"]
+            assert detail.startswith("live audit: cos") and WORD not in detail  # the length, never the text
+            # What it served is no longer a cache hit: asked again, the honest backend embeds it.
+            again = c.post("/v1/embeddings", json={"model": "minilm", "input": served_by_liar})
+            assert again.headers["x-embedding-cache"] == "miss" and again.headers["x-embedding-backend"] == "honest"
+            assert cosines(vectors_of(again), direct_embeddings(primary.url, served_by_liar)).min() >= 0.9999
+            audits = [
+                ln for ln in c.get("/metrics").text.splitlines() if ln.startswith("embedding_gateway_audits_total")
+            ]
+            assert any('backend="liar"' in ln and 'outcome="fail"' in ln and not ln.endswith(" 0.0") for ln in audits)
+            # The next checks include the text it failed on: it stays out (the probes alone would re-admit it).
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                report = c.get("/v1/consistency").json()["data"][0]
+                if report["checked_at"] > started and report["reference"] == "honest":
+                    break
+                time.sleep(0.2)
+            verdicts = {b["name"]: b["verdict"] for b in report["backends"]}
+            assert verdicts == {"liar": "disagree", "honest": "reference"}, report
+            assert any(f["backend"] == "liar" and "traffic-" in f["message"] for f in report["findings"]), report
+            assert WORD not in json.dumps(report)
+            print(f"quarantined after {quarantined_after} requests ({len(served_by_liar)} served by the liar)")
+            assert np.isfinite(quarantined_after)
