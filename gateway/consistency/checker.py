@@ -96,6 +96,7 @@ class Checker:
     ) -> None:
         # Texts from recent traffic (never logged, named traffic-N): a backend cannot tell them from clients'.
         self._traffic = [Probe(f"traffic-{i + 1}", t, long=len(t) > 600) for i, t in enumerate(traffic)]
+        self.builtin: list[Probe] = []
         self.builtin_probes = 0  # how many of the probes are the built-in (or pinned) set, traffic after them
         self._distrusted = distrusted or set()  # failed a live audit: never the truth while another can be
         self.model = model
@@ -143,6 +144,7 @@ class Checker:
             if self.tokenizer is not None:
                 probes += limit_probes(self.tokenizer, list(p.prompts.values()), p.max_input_tokens)
         self.builtin_probes = len(probes)
+        self.builtin = list(probes)  # what a recording of the space holds
         if self.space is None and self._probes is None:
             probes = probes + self._traffic
         report.probes = len(probes)

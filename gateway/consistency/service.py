@@ -27,6 +27,7 @@ from config.settings import ConsistencySettings
 from gateway.calls import BackendCalls
 from gateway.consistency.checker import Checker, RecordedReference
 from gateway.consistency.probes import Probe
+from gateway.consistency.records import SpaceRecords
 from gateway.consistency.report import Finding, Report, Verdict
 from gateway.consistency.scripts import SCRIPTS
 from gateway.consistency.space import Space, live_space_id
@@ -56,7 +57,9 @@ class ConsistencyService:
         on_verdicts: Callable[[], None] = lambda: None,
         tokenizers: dict[str, ModelTokenizer | None] | None = None,
         on_partial: dict[str, str] | None = None,
+        records: SpaceRecords | None = None,
     ) -> None:
+        self._records = records  # auto-recorded spaces: one id per space across restarts and replicas
         self.settings = settings
         self._on_partial = on_partial or {}
         self._tokenizers = tokenizers or {}
@@ -395,7 +398,15 @@ class ConsistencyService:
             if checker.recording is not None:
                 self._recorded[model] = checker.recording
                 # Computed here, once per live check: `space_id` is read on every request.
-                self._live_ids[model] = live_space_id(model, self.profiles[model], checker.recording.vectors.rows)
+                rows = checker.recording.vectors.rows
+                if self._records is not None and only is None:
+                    self._live_ids[model] = await self._records.space_id(
+                        model, self.profiles[model], checker.builtin, rows, checker.recording.backend
+                    )
+                else:
+                    self._live_ids[model] = self._live_ids.get(model) or live_space_id(
+                        model, self.profiles[model], rows
+                    )
             if self._distrusted[model]:
                 self._settle_distrust(model, report, included)
             if only is None and space is None and report.reference and report.reference != self._anchor.get(model):
