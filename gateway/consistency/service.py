@@ -373,7 +373,9 @@ class ConsistencyService:
                     log.warning(
                         "model %s: reference %s unavailable; %s (verified) takes over", model, previous, reference
                     )
-            included = set(self._suspect_texts[model]) if only is None else set()
+            # Checks against a pinned space use its probes only (there are no recorded vectors of client
+            # texts): they cannot clear a live audit's verdict; an unpinned full check embeds the texts.
+            included = set(self._suspect_texts[model]) if only is None and space is None else set()
             checker = Checker(
                 model,
                 self.profiles[model],
