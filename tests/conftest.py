@@ -195,3 +195,14 @@ def vllm(peers_tmp: Path) -> Iterator[PeerServer]:
 def infinity(peers_tmp: Path) -> Iterator[PeerServer]:
     """A real Infinity serving MiniLM at its root (no --url-prefix) as 'models/minilm-hf', one per run."""
     yield from _peer(start_infinity, peers_tmp)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests on the real vLLM and Infinity run last: the servers (session-scoped, started at first use) then
+    never sit beside the timing-sensitive tests of the other modules, taking memory and CPU."""
+    peers = {"vllm", "infinity", "peers_tmp"}
+
+    def on_peers(item: pytest.Item) -> bool:
+        return bool(peers & set(getattr(item, "fixturenames", ()))) or item.path.name == "test_peers.py"
+
+    items.sort(key=on_peers)

@@ -274,6 +274,10 @@ class Checker:
             return
         names = [st.backend.name for st in self.states]
         preferred = self.reference_name
+        if preferred not in rows and self.recorded is not None and self.recorded.backend == preferred:
+            # The reference is down but its vectors are recorded: the others are judged against those. A
+            # backend never verified must not become the truth just by being the one still up.
+            return
         preference = ([preferred] if preferred else []) + [n for n in names if n != preferred]
         preference = [n for n in preference if n not in self._distrusted] + [
             n for n in preference if n in self._distrusted
