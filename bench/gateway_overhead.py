@@ -11,6 +11,8 @@ backend costs almost nothing and the gateway's own cost shows. Phases, all in on
 - `--rss`: resident memory of every gateway process after 10k and after 100k requests;
 - `--auth`: the 1-worker gateway again with caller keys and quotas, counted in memory and in a real
   Redis (Debian's redis-server), against auth off (the plain 1-worker phase) in the same run.
+- `--audit`: the 1-worker gateway with two backends (both the stub) and the live-traffic audit at
+  audit_sample 0 (off), 0.01 and 0.1, in the same run (each audit re-embeds on the other backend).
 - `--tokenizer`: the 1-worker gateway with a model tokenizer (counting every input, enforcing the length
   policy) against none, for one short text and for 256 texts of 200 characters, in the same run.
 
@@ -202,6 +204,18 @@ max_concurrency = 256
 enabled = false  # the stub answers one fixed vector: nothing to check
 """
 
+SECOND_STUB = """enabled = true
+require_verification = false
+interval_s = 3600
+[[backends]]
+name = "stub2"
+kind = "llamacpp"
+model = "bench"
+url = "http://127.0.0.1:{stub}"
+priority = 1
+max_concurrency = 256
+"""
+
 AUTH_CONFIG = """
 [auth]
 enabled = true
@@ -279,6 +293,7 @@ def main() -> int:
     ap.add_argument("--rss", action="store_true", help="RSS per process after 10k and 100k requests")
     ap.add_argument("--auth", action="store_true", help="also auth + memory quotas and auth + Redis quotas")
     ap.add_argument("--profile", help="write a py-spy collapsed-stack profile of the 1-worker gateway here")
+    ap.add_argument("--audit", action="store_true", help="also the live-traffic audit at 0, 0.01 and 0.1")
     ap.add_argument("--tokenizer", action="store_true", help="also with a model tokenizer vs none, 1 and 256 texts")
     args = ap.parse_args()
     for tool in ("nginx", "wrk"):
@@ -332,6 +347,22 @@ def main() -> int:
                 results.append(measure(f"gateway w{workers}{suffix}", url, pid, lua, args, rss=rss))
                 if spy is not None:
                     spy.wait(timeout=60)
+        if args.audit:
+            for sample in (0.0, 0.01, 0.1):
+                port = free_port()
+                config = work / f"gateway-audit-{port}.toml"
+                text = GATEWAY_CONFIG.format(port=port, stub=stub_port).replace(
+                    'profile = "jina', f'audit_sample = {sample}\nprofile = "jina'
+                )
+                # Two backends (the same stub), checks on but not required (the stub answers one fixed
+                # vector, so the probe check cannot pass): what is measured is the audit's own cost.
+                text = text.replace("enabled = false  # the stub answers one fixed vector: nothing to check", "")
+                text += SECOND_STUB.format(stub=stub_port)
+                config.write_text(text)
+                cmd = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)]
+                url = f"http://127.0.0.1:{port}"
+                with process(cmd, url, "/health") as pid:
+                    results.append(measure(f"gateway w1 audit {sample:g}", url, pid, lua, args))
         if args.tokenizer:
             tok = builtin_tokenizer("all-minilm-l6-v2")  # any tokenizer.json: the cost is the mechanism's
             for suffix, script, stub_path, extra, n in (

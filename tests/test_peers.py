@@ -148,8 +148,8 @@ def test_failover_from_llamacpp_under_load_loses_nothing(
         assert [s for s in served if s[1] != 200] == []
         before = [b for t, _, b in served if t < killed_at[0]]
         after = [b for t, _, b in served if t >= killed_at[0]]
-        # Before: mostly llama.cpp (the peer takes overflow when its slots are full); after: all the peer.
-        assert before.count("llama") >= 8 and len(after) >= 20 and set(after) == {kind}, served
+        # Before: llama.cpp first (the idle peer takes overflow when llama.cpp's slots are busy); after: the peer.
+        assert "llama" in before and len(after) >= 20 and set(after) == {kind}, served
 
 
 def write_config(tmp: Path, backends: list[dict[str, Any]]) -> Path:
