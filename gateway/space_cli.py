@@ -38,16 +38,20 @@ async def _record(args: argparse.Namespace, settings: GatewaySettings) -> int:
         model = args.model
         group = sorted((st for st in runtime.states if st.backend.model == model), key=lambda st: st.backend.priority)
         cfg = next(m for m in runtime.settings.models if m.name == model)
-        name = args.backend or cfg.reference or (group[0].backend.name if group else None)
-        st = next((s for s in group if s.backend.name == name), None)
-        if st is None:
-            print(f"embedding-gateway: backend {name!r} does not serve model {model!r}", file=sys.stderr)
+        names = args.backend or [cfg.reference or (group[0].backend.name if group else None)]
+        chosen = [next((s for s in group if s.backend.name == n), None) for n in names]
+        missing = [n for n, s in zip(names, chosen, strict=True) if s is None]
+        if missing:
+            print(f"embedding-gateway: backend {missing[0]!r} does not serve model {model!r}", file=sys.stderr)
             return EXIT_ERROR
+        states = [s for s in chosen if s is not None]
+        st = states[0]  # recorded from; the others must agree with it
         loop = asyncio.get_running_loop()
         end = loop.time() + args.wait
         while True:
-            await runtime.health.check(st)
-            if st.healthy or loop.time() >= end:
+            for s in states:
+                await runtime.health.check(s)
+            if all(s.healthy for s in states) or loop.time() >= end:
                 break
             await asyncio.sleep(0.5)
         profile = runtime.profiles[model]
@@ -64,8 +68,27 @@ async def _record(args: argparse.Namespace, settings: GatewaySettings) -> int:
                 f"embedding-gateway: {st.backend.name} could not embed the probes: {vectors.message}", file=sys.stderr
             )
             return EXIT_ERROR
+        for other in states[1:]:  # several backends: they must agree, or nothing is written
+            theirs = await checker.probe_vectors(other, probes)
+            if isinstance(theirs, BackendError):
+                print(
+                    f"embedding-gateway: {other.backend.name} could not embed the probes: {theirs.message}",
+                    file=sys.stderr,
+                )
+                return EXIT_ERROR
+            cos = {k: float(vectors.rows[k] @ theirs.rows[k]) for k in vectors.rows.keys() & theirs.rows.keys()}
+            worst = min(cos, key=lambda k: cos[k]) if cos else None
+            if worst is None or cos[worst] < profile.agree_cosine:
+                where = f"min cosine {cos[worst]:.5f} on probe '{probes[worst[1]].name}'" if worst else "no probe"
+                print(
+                    f"embedding-gateway: {st.backend.name} and {other.backend.name} disagree ({where}); nothing "
+                    "written. Run embedding-gateway check to see why, fix the one that is wrong, record again",
+                    file=sys.stderr,
+                )
+                return EXIT_DIFFERENT
         meta = {
             "backend": st.backend.name,
+            "confirmed_by": [s.backend.name for s in states[1:]],
             "kind": st.backend.kind,
             "info": {
                 "model_id": info.model_id if info else None,
@@ -127,7 +150,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     rec = cmds.add_parser("record", help="embed the probe set on one backend and write a space file")
     rec.add_argument("--config", help="TOML file (default: $EMBEDDING_GATEWAY_CONFIG)")
     rec.add_argument("--model", required=True)
-    rec.add_argument("--backend", help="default: the model's reference, else its first backend by priority")
+    rec.add_argument(
+        "--backend",
+        action="append",
+        help="record on this backend (default: the model's reference, else its first by priority); repeat it to "
+        "have others confirm: when any disagrees with the first, nothing is written (exit 1)",
+    )
     rec.add_argument("--out", required=True, help="the space file to write (e.g. spaces/NAME.json)")
     rec.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the backend to come up")
     rec.set_defaults(func=cmd_record)

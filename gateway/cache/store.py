@@ -44,6 +44,9 @@ def cache_key(space: str, prompt: Prompt, text: str) -> str:
     return f"egc:{space}:{digest}"
 
 
+_TRACKED = 100_000  # recent entries remembered per backend (~10 MB): what a live audit failure drops
+
+
 class EmbeddingCache:
     def __init__(self, settings: CacheSettings, metrics: Metrics) -> None:
         self.settings = settings
@@ -91,7 +94,7 @@ class EmbeddingCache:
         for key, vector in zip(keys, vectors, strict=True):
             self._remember(key, np.ascontiguousarray(vector, dtype="<f4"))
             for b in backends:
-                self._made_by.setdefault(b, deque()).append((now, key))
+                self._made_by.setdefault(b, deque(maxlen=_TRACKED)).append((now, key))
         if self._shared_up():
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
@@ -121,7 +124,8 @@ class EmbeddingCache:
     # -- verdicts ------------------------------------------------------------------------------
     def sync(self, states: Sequence[BackendState]) -> None:
         """After agreement verdicts change: entries of a quarantined backend newer than its last passing
-        check go; those older than a backend's last pass are confirmed (no longer tracked)."""
+        check go (all it made lately when a live audit caught it: it has no last pass then); those older than
+        a backend's last pass stay, tracked (the last _TRACKED per backend) in case a live audit catches it."""
         for st in states:
             made = self._made_by.get(st.backend.name)
             if not made:
@@ -131,9 +135,6 @@ class EmbeddingCache:
                 doomed = [key for at, key in made if at >= passed]
                 made.clear()
                 self._drop(doomed, st.backend.name)
-            else:
-                while made and made[0][0] < passed:
-                    made.popleft()
 
     def _drop(self, keys: list[str], backend: str) -> None:
         for key in keys:

@@ -225,6 +225,7 @@ class ConsistencyService:
         self._distrusted[model].add(backend)
         before = st.agreement
         st.agreement, st.agreement_detail, st.excluded_scripts = Verdict.DISAGREE, message, frozenset()
+        st.last_pass_at = None  # its probe passes vouch for nothing it served: every entry it made lately goes
         if before is not Verdict.DISAGREE:
             log.error("backend %s quarantined for model %s: %s", backend, model, message)
         report = self.reports.get(model)
