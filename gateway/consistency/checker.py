@@ -99,6 +99,7 @@ class Checker:
         self.builtin: list[Probe] = []
         self.builtin_probes = 0  # how many of the probes are the built-in (or pinned) set, traffic after them
         self._distrusted = distrusted or set()  # failed a live audit: never the truth while another can be
+        self._majority_backed = True  # pinned or partial checks: the truth is not a bare preference
         self.model = model
         self.on_partial = on_partial  # "restrict" | "quarantine": a backend wrong on a few scripts only
         # (backend, probe index) -> (its tokens, the model tokenizer's) for probes in dispute
@@ -284,6 +285,7 @@ class Checker:
         ]
         elected = majority(rows, preference, self.profile.agree_cosine, self._token_match())
         report.groups = elected.groups
+        self._majority_backed = len(elected.groups[0]) >= 2
         if elected.truth is not None and elected.truth != preferred:
             if preferred in rows:
                 why = (
@@ -513,6 +515,12 @@ class Checker:
         dim: int | None,
     ) -> BackendResult:
         p, name = self.profile, st.backend.name
+        if name not in self._distrusted and not self._majority_backed:
+            # Client texts judge a backend only when a majority (two or more that agree) stands behind the
+            # truth, or it already failed a live audit: with two backends a disagreement on a client text
+            # does not say which one is wrong, and the first by priority must not win it by default.
+            n = self.builtin_probes
+            res = _Vectors({k: v for k, v in res.rows.items() if k[1] < n}, res.norms, res.rejected)
         cos = self._cosines(res, ref)
         worst_key = min(cos, key=lambda k: cos[k])
         lo, mean = min(cos.values()), float(np.mean(list(cos.values())))
