@@ -104,7 +104,9 @@ def test_a_backend_lying_off_the_probes_is_quarantined_and_its_vectors_leave_the
                 time.sleep(0.2)
             verdicts = {b["name"]: b["verdict"] for b in report["backends"]}
             assert verdicts == {"liar": "disagree", "honest": "reference"}, report
-            assert any(f["backend"] == "liar" and "traffic-" in f["message"] for f in report["findings"]), report
+            # Why: its vectors for the text it failed on (traffic-N), or the audit's verdict standing over a check
+            # that started before it.
+            assert any(f["backend"] == "liar" and f["severity"] == "error" for f in report["findings"]), report
             assert WORD not in json.dumps(report)
             print(f"quarantined after {quarantined_after} requests ({len(served_by_liar)} served by the liar)")
             assert np.isfinite(quarantined_after)
