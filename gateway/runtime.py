@@ -167,7 +167,6 @@ class Runtime:
         consistency = self.consistency
         self.auditor = (
             Auditor(
-                self.states,
                 self.profiles,
                 {m.name: m.audit_sample for m in self.settings.models},
                 router.members,

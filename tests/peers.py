@@ -13,7 +13,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -155,7 +155,8 @@ class RecordingProxy:
 
 
 @contextmanager
-def recording_proxy(upstream: str) -> Iterator[RecordingProxy]:
+def recording_proxy(upstream: str, rewrite: Callable[[list[str]], list[str]] | None = None) -> Iterator[RecordingProxy]:
+    """`rewrite`: what the proxy does to each embeddings call's inputs on the way (a lying backend)."""
     import json
 
     rec = RecordingProxy(upstream)
@@ -165,7 +166,11 @@ def recording_proxy(upstream: str) -> Iterator[RecordingProxy]:
         def _forward(self) -> None:
             body = self.rfile.read(int(self.headers.get("content-length") or 0))
             if self.path.endswith("/embeddings") and body:
-                rec.batches.append(len(json.loads(body).get("input") or []))
+                doc = json.loads(body)
+                rec.batches.append(len(doc.get("input") or []))
+                if rewrite is not None:
+                    doc["input"] = rewrite(doc["input"])
+                    body = json.dumps(doc).encode()
             headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
             r = client.request(self.command, self.path, content=body, headers=headers)
             self.send_response(r.status_code)

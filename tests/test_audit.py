@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from contextlib import AbstractContextManager
 from typing import Any
 
 import httpx
@@ -15,43 +12,15 @@ import numpy as np
 
 from backends.managed.process import LlamaCppProcess
 from tests.helpers import cosines, direct_embeddings, llamacpp_backend, run_gateway, settings_for, vectors_of
+from tests.peers import RecordingProxy, recording_proxy
 
 WORD = "zebra"
 
 
-@contextmanager
-def lying_proxy(upstream: str) -> Iterator[str]:
+def lying_proxy(upstream: str) -> AbstractContextManager[RecordingProxy]:
     """An OpenAI-compatible proxy in front of a real llama.cpp that embeds every text containing WORD as
     another text (the text reversed): right on every probe, wrong for some clients."""
-    client = httpx.Client(base_url=upstream, timeout=60)
-
-    class Handler(BaseHTTPRequestHandler):
-        def _forward(self) -> None:
-            body = self.rfile.read(int(self.headers.get("content-length") or 0))
-            if self.path.endswith("/embeddings") and body:
-                doc = json.loads(body)
-                doc["input"] = [t[::-1] if WORD in t else t for t in doc["input"]]
-                body = json.dumps(doc).encode()
-            r = client.request(self.command, self.path, content=body, headers={"content-type": "application/json"})
-            self.send_response(r.status_code)
-            self.send_header("Content-Type", r.headers.get("content-type", "application/json"))
-            self.send_header("Content-Length", str(len(r.content)))
-            self.end_headers()
-            self.wfile.write(r.content)
-
-        do_GET = do_POST = _forward
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        client.close()
+    return recording_proxy(upstream, rewrite=lambda texts: [t[::-1] if WORD in t else t for t in texts])
 
 
 def view(url: str, name: str) -> dict[str, Any]:
@@ -61,7 +30,8 @@ def view(url: str, name: str) -> dict[str, Any]:
 def test_a_backend_lying_off_the_probes_is_quarantined_and_its_vectors_leave_the_cache(
     primary: LlamaCppProcess,
 ) -> None:
-    with lying_proxy(primary.url) as liar_url:
+    with lying_proxy(primary.url) as liar:
+        liar_url = liar.url
         backends = [
             {"name": "liar", "kind": "openai", "model": "minilm", "url": liar_url, "priority": 0},
             llamacpp_backend("honest", primary.url, priority=1),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 
@@ -41,7 +41,6 @@ Verdict = Callable[[str, str, float, str, str], None]
 class Auditor:
     def __init__(
         self,
-        states: Sequence[BackendState],
         profiles: dict[str, ModelProfile],
         samples: dict[str, float],
         members: Callable[[str], list[BackendState]],
@@ -57,7 +56,6 @@ class Auditor:
         self._failed = failed
         self._in_flight: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._states = states
 
     def wanted(self, model: str) -> bool:
         """Whether to audit this request (the sampling decision: one random draw)."""
