@@ -11,10 +11,10 @@ import numpy as np
 
 @dataclass(frozen=True, slots=True)
 class Embeddings:
-    """Vectors in input order: (n, dim) float32, full dimension, no prompt added by the backend."""
+    """Vectors in input order: (n, dim) float32, full dimension, no prompt added by the backend. No token
+    count: a caller's usage is the model tokenizer's count, whoever served (backends count differently)."""
 
     vectors: np.ndarray
-    prompt_tokens: int | None = None  # as counted by the backend, when it says
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,6 @@ from backends.openai import OpenAICompatAdapter
 class InfinityAdapter(OpenAICompatAdapter):
     kind = "infinity"
     default_prefix = None
-    counts_tokens = False
 
     async def health(self) -> Health:
         await self.discover()  # finds the prefix, checks the model

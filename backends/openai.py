@@ -145,10 +145,7 @@ class OpenAICompatAdapter:
             else np.asarray(item.embedding, dtype=np.float32)
             for item in items
         ]
-        tokens = parsed.usage.prompt_tokens if parsed.usage and self.counts_tokens else None
-        return Embeddings(vectors=stack_rows(self.name, rows), prompt_tokens=tokens)
-
-    counts_tokens = True  # False: its usage is not a token count (Infinity counts characters)
+        return Embeddings(vectors=stack_rows(self.name, rows))
 
     async def health(self) -> Health:
         try:

@@ -93,8 +93,7 @@ class TeiAdapter:
             raise BadBackendOutput(self.name, f"unparseable /embed response: {exc}") from exc
         if len(rows) != len(texts):
             raise BadBackendOutput(self.name, f"returned {len(rows)} embeddings for {len(texts)} inputs")
-        tokens = resp.headers.get("x-compute-tokens")
-        return Embeddings(stack_rows(self.name, rows), int(tokens) if tokens and tokens.isdigit() else None)
+        return Embeddings(stack_rows(self.name, rows))
 
     async def health(self) -> Health:
         async with transport_errors(self.name):

@@ -34,6 +34,7 @@ from backends.errors import (
 )
 from gateway.errors import DeadlineExceeded
 from gateway.metrics import Metrics
+from gateway.resilience.breaker import CircuitState
 from gateway.resilience.capacity import CapacityPolicy
 from gateway.resilience.deadline import Deadline
 from gateway.state import BackendState
@@ -248,6 +249,25 @@ class BackendCalls:
         if purpose is not Purpose.CHECK:  # checks queue as bulk behind traffic: their time says little
             st.times.observe(len(texts), elapsed)
         return out
+
+    def health_result(
+        self, st: BackendState, ok: bool, probing: bool, elapsed: float | None, healthy_threshold: int
+    ) -> None:
+        """A health check's outcome for the breaker and latency: written here, the call path being the one
+        writer of traffic figures and breakers (the health monitor owns only `healthy`)."""
+        breaker = st.breaker
+        if ok:
+            if elapsed is not None:
+                st.observe_latency(elapsed)
+            if probing or breaker.state is CircuitState.CLOSED:
+                breaker.record_success()
+            elif breaker.state is CircuitState.OPEN and st.check_streak + 1 >= healthy_threshold:
+                # Passing checks in a row beat a long cool-down: the next check is the half-open probe.
+                breaker.end_cooldown()
+        else:
+            breaker.record_failure()
+        if probing and breaker.state is CircuitState.HALF_OPEN:
+            breaker.release()
 
     def _failed(self, st: BackendState, error: BackendError, elapsed: float) -> None:
         self._metrics.backend_call(st.backend.name, error.kind, elapsed)

@@ -74,7 +74,7 @@ class HealthMonitor:
         started = time.perf_counter()
         misconfigured = timed_out = False
         bound = self.bound_s(st)
-        proven = time.monotonic() - st.last_success_at < self._settings.health_interval_s and not probing
+        proven = time.monotonic() - st.alive_at < self._settings.health_interval_s and not probing
         try:
             async with asyncio.timeout(bound):
                 health = await backend.health()
@@ -89,7 +89,7 @@ class HealthMonitor:
             # A probe that queued behind real traffic means busy, not broken: a real embedding just
             # succeeded, or client calls are still at the backend within their own (learned) bounds.
             timed_out = True
-            since_success = time.monotonic() - st.last_success_at
+            since_success = time.monotonic() - st.alive_at
             ok = since_success < bound or (st.busy() and since_success < 4 * bound)
             st.last_check_error_kind = "timeout"
             detail = "" if ok else f"health check timed out after {bound:.1f}s"
@@ -99,18 +99,7 @@ class HealthMonitor:
         elapsed = time.perf_counter() - started
         if not ok and (sup := self._supervisor_error(backend.name)):
             detail = sup  # the supervisor knows why better than "connection refused" does
-        if ok:
-            if not timed_out:
-                st.observe_latency(elapsed)
-            if probing or breaker.state is CircuitState.CLOSED:
-                breaker.record_success()
-            elif breaker.state is CircuitState.OPEN and st.check_streak + 1 >= self._settings.healthy_threshold:
-                # Passing checks in a row beat a long cool-down: the next check is the half-open probe.
-                breaker.end_cooldown()
-        else:
-            breaker.record_failure()
-        if probing and breaker.state is CircuitState.HALF_OPEN:
-            breaker.release()
+        self._calls.health_result(st, ok, probing, None if timed_out else elapsed, self._settings.healthy_threshold)
         changed = st.record_check(
             ok,
             detail,
@@ -124,6 +113,8 @@ class HealthMonitor:
             log.log(
                 logging.ERROR if misconfigured else logging.WARNING, "backend %s is unhealthy: %s", backend.name, detail
             )
+        if changed is True:
+            await self._learn(st)  # a backend back from down may be another build: what it says now
         if changed is not None:
             self._on_change(st, changed)
 
@@ -137,5 +128,11 @@ class HealthMonitor:
             st, [self._settings.probe_text], None, deadline=Deadline(timeout), purpose=Purpose.HEALTH, timeout_s=timeout
         )
         if st.info is None:
-            with contextlib.suppress(BackendError):
+            await self._learn(st)
+
+    @staticmethod
+    async def _learn(st: BackendState) -> None:
+        """What the backend says about itself (limits, slots): learned here only, the one writer of it."""
+        with contextlib.suppress(BackendError, TimeoutError):
+            async with asyncio.timeout(15.0):
                 st.learn(await st.backend.describe())

@@ -102,8 +102,9 @@ class Metrics:
         )
         self.audits = Counter(
             "embedding_gateway_audits_total",
-            "Live-traffic audits of served vectors by outcome: pass, fail (the backend was quarantined), skipped "
-            "(no other backend in service), dropped (too many in flight).",
+            "Live-traffic audits of served vectors by outcome: pass, fail (the backend was quarantined), undecided "
+            "(two disagree and nothing says which is right), skipped (no other backend in service), dropped (too "
+            "many in flight).",
             ["model", "backend", "outcome"],
             registry=self.registry,
         )

@@ -46,7 +46,6 @@ _BULK: ContextVar[bool] = ContextVar("bulk", default=False)
 class Routed:
     vectors: np.ndarray
     backends: tuple[str, ...]
-    prompt_tokens: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +62,6 @@ class RoutingPolicy:
 class _Part:
     vectors: np.ndarray
     backends: list[str]
-    tokens: int | None
 
 
 class Router:
@@ -144,7 +142,7 @@ class Router:
         self._shed_if_late(model, members, slices, deadline)
         if len(slices) == 1:
             part = await self._subbatch(model, members, texts, prompt, deadline)
-            return Routed(part.vectors, tuple(part.backends), part.tokens)
+            return Routed(part.vectors, tuple(part.backends))
         gate = asyncio.Semaphore(self.policy.subbatch_concurrency)
 
         async def run(sl: slice) -> _Part:
@@ -164,9 +162,7 @@ class Router:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
         used = list(dict.fromkeys(name for p in parts for name in p.backends))
-        tokens = [p.tokens for p in parts]
-        total = sum(t for t in tokens if t is not None) if all(t is not None for t in tokens) else None
-        return Routed(np.concatenate([p.vectors for p in parts]), tuple(used), total)
+        return Routed(np.concatenate([p.vectors for p in parts]), tuple(used))
 
     def _shed_if_late(self, model: str, members: list[BackendState], slices: list[slice], deadline: Deadline) -> None:
         """Refuse at once (503 + Retry-After from the queue) a request that no backend could answer within
@@ -256,8 +252,7 @@ class Router:
             half = len(texts) // 2
             a = await self._subbatch(model, members, texts[:half], prompt, deadline)
             b = await self._subbatch(model, members, texts[half:], prompt, deadline)
-            tokens = a.tokens + b.tokens if a.tokens is not None and b.tokens is not None else None
-            return _Part(np.concatenate([a.vectors, b.vectors]), a.backends + b.backends, tokens)
+            return _Part(np.concatenate([a.vectors, b.vectors]), a.backends + b.backends)
         except BackendError as exc:
             if isinstance(exc, InputRejected):
                 raise
@@ -312,7 +307,7 @@ class Router:
         backend = st.backend
         sent = texts if backend.applies_prompt else prompt.apply(texts)
         out = await self.calls.embed(st, sent, prompt.name, deadline=deadline, permitted=True, bulk=_BULK.get())
-        return _Part(out.vectors, [backend.name], out.prompt_tokens)
+        return _Part(out.vectors, [backend.name])
 
 
 class _NoHedge(BackendUnavailable):

@@ -78,7 +78,7 @@ class Runtime:
     def workers(self) -> int:
         """Processes serving this port (`serve --workers N`), as the control plane says."""
         snapshot = self.plane.snapshot if self.plane is not None else None
-        return int(snapshot.get("workers") or 1) if snapshot else 1
+        return snapshot.workers or 1 if snapshot else 1
 
     @property
     def service(self) -> EmbeddingService:
@@ -173,6 +173,7 @@ class Runtime:
                 calls,
                 self.metrics,
                 consistency.audit_failed,
+                consistency.observe_traffic,
             )
             if self.settings.consistency.enabled
             else None

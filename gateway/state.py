@@ -49,6 +49,8 @@ class BackendState:
     panicked: int = 0  # requests routed here by panic routing (every backend of its model was out)
     queued_units: int = 0  # work waiting in this process's queue for the backend (texts + 1 per call)
     in_flight_units: int = 0  # work at the backend now, from this process
+    # Written by the control plane only, from workers' reports (monotonic clocks are system-wide):
+    reported_success_at: float = -1e18  # a worker's last client call it served
     busy_until: float = -1e18  # monotonic time until which workers reported client calls at this backend
     _logged_error: str | None = field(default=None, repr=False)
 
@@ -111,6 +113,11 @@ class BackendState:
         self.last_latency_ms = round(ms, 3)
         prev = self.latency_ewma_ms
         self.latency_ewma_ms = round(ms if prev is None else _EWMA_ALPHA * ms + (1 - _EWMA_ALPHA) * prev, 3)
+
+    @property
+    def alive_at(self) -> float:
+        """Monotonic time of the last client call it served, here or in any worker."""
+        return max(self.last_success_at, self.reported_success_at)
 
     def busy(self) -> bool:
         """Client calls are at the backend now (this process's, or a worker's lately)."""

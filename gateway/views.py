@@ -32,7 +32,7 @@ def _figures(rt: Runtime, st: BackendState) -> dict[str, Any]:
         "call_timeout_1_s": round(rt.service.router.calls.call_timeout(st, 1), 3),
         "circuit_trips": st.breaker.trips,
         "circuit": str(st.breaker.state),
-        "last_success_at": st.last_success_at,
+        "last_success_at": st.alive_at,
         "last_latency_ms": st.last_latency_ms,
         "latency_ewma_ms": st.latency_ewma_ms,
         "latency_p50_ms": p50,

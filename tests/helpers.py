@@ -269,3 +269,32 @@ def cli_gateway(
 
 def embed_url(url: str, texts: list[str] | str, model: str = "minilm") -> httpx.Response:
     return httpx.post(f"{url}/v1/embeddings", json={"model": model, "input": texts}, timeout=60)
+
+
+def record_space(tmp: Path, backend: dict[str, Any]) -> Path:
+    """`space record` of one backend into tmp/space.json (through the CLI, as an operator would)."""
+    config = tmp / "record.toml"
+    lines = ["[[models]]", 'name = "minilm"', 'profile = "all-minilm-l6-v2"', "[[backends]]"]
+    config.write_text("\n".join(lines + [f"{k} = {json.dumps(v)}" for k, v in backend.items()]) + "\n")
+    out = tmp / "space.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "space",
+            "record",
+            "--config",
+            str(config),
+            "--model",
+            "minilm",
+            "--out",
+            out,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[1],
+    )
+    assert done.returncode == 0, done.stderr
+    return out

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from backends.managed.process import LlamaCppProcess
-from tests.helpers import llamacpp_backend, run_gateway, settings_for
+from tests.helpers import llamacpp_backend, record_space, run_gateway, settings_for
 from tests.peers import PeerServer
 
 KOREAN = ["해변 위로 아름다운 일몰", "서울은 한국의 수도입니다"]
@@ -95,34 +95,6 @@ def test_quarantine_instead_of_restriction(primary: LlamaCppProcess, vllm: PeerS
         assert served_by(gw.url, ENGLISH) == "vllm"
 
 
-def record_space(tmp: Path, backend: dict[str, Any]) -> Path:
-    config = tmp / "record.toml"
-    lines = ["[[models]]", 'name = "minilm"', 'profile = "all-minilm-l6-v2"', "[[backends]]"]
-    config.write_text("\n".join(lines + [f"{k} = {json.dumps(v)}" for k, v in backend.items()]) + "\n")
-    out = tmp / "space.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gateway.cli",
-            "space",
-            "record",
-            "--config",
-            str(config),
-            "--model",
-            "minilm",
-            "--out",
-            out,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(__file__).parents[1],
-    )
-    assert done.returncode == 0, done.stderr
-    return out
-
-
 def test_pinned_space_from_vllm_restricts_llamacpp_and_quarantines_a_cls_pooled_one(
     tmp_path: Path, vllm: PeerServer, primary: LlamaCppProcess, llama_factory: Callable[..., LlamaCppProcess]
 ) -> None:
@@ -152,6 +124,28 @@ def test_vllm_and_infinity_alone_agree_whoever_is_first(order: str, vllm: PeerSe
         report = consistency(gw.url)
         assert {b["verdict"] for b in report["backends"]} == {"reference", "agree"}
         assert all(b["min_cosine"] >= 0.99999 for b in report["backends"])
+
+
+def test_vllm_only_and_infinity_only_gateways_report_one_space_id(
+    tmp_path: Path, vllm: PeerServer, infinity: PeerServer
+) -> None:
+    """Their vectors differ in last bits (23 near-zero components flip sign): the id must not."""
+    alone = [[peer("vllm", "vllm", vllm.url, 0)], [peer("infinity", "infinity", infinity.url, 0)]]
+
+    def space_of(settings: dict[str, Any]) -> str:
+        with run_gateway(settings) as gw:
+            r = httpx.post(f"{gw.url}/v1/embeddings", json={"model": "minilm", "input": "hello"}, timeout=60)
+            assert r.status_code == 200, r.text
+            return r.headers["x-embedding-space"]
+
+    # Unpinned, one spaces directory (one machine, or replicas sharing Redis): the first agreement recorded.
+    assert space_of(settings_for(alone[1])) == space_of(settings_for(alone[0]))
+    # Pinned to one recording made on vLLM: both serve its id.
+    space = record_space(tmp_path, alone[0][0])
+    recorded = json.loads(space.read_text())["space_id"]
+    for backends_ in alone:
+        pinned = settings_for(backends_, [{"name": "minilm", "profile": "all-minilm-l6-v2", "space": str(space)}])
+        assert space_of(pinned) == recorded
 
 
 def test_space_record_from_several_backends_refuses_when_they_disagree(

@@ -168,7 +168,7 @@ async def test_the_gateway_name_wins_among_several_and_none_is_an_error_naming_t
 async def test_infinity_is_found_with_or_without_url_prefix_and_its_usage_ignored(prefix: str) -> None:
     a = wired("infinity", server(listing("models/minilm-hf", stats={"batch_size": 16}), prefix))
     out = await a.embed(["x", "y"])  # discovers where the API is before the first call
-    assert out.vectors.shape == (2, 1) and out.prompt_tokens is None  # Infinity counts characters
+    assert out.vectors.shape == (2, 1)  # its usage (characters, not tokens) is never read
     info = await a.describe()
     assert info.max_batch_size == 16 and a.public_url() == f"http://s.invalid{prefix}"
 

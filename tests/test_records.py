@@ -36,9 +36,14 @@ async def test_noise_that_flips_signs_keeps_the_recorded_id(tmp_path: Path) -> N
     assert await records.space_id("minilm", PROFILE, PROBES, b, "infinity") == first
     # A restart (a new process): the same file, the same id.
     assert await SpaceRecords(tmp_path).space_id("minilm", PROFILE, PROBES, b, "infinity") == first
-    # Another space is another id.
+    # Another space is another id, recorded too: its own noise does not move it either, and the first keeps its id.
     other = {k: np.roll(v, 7) for k, v in a.items()}
-    assert await records.space_id("minilm", PROFILE, PROBES, other, "x") != first
+    second = await records.space_id("minilm", PROFILE, PROBES, other, "x")
+    noisy_other = {k: np.roll(v, 7) for k, v in b.items()}
+    assert (
+        second != first and await SpaceRecords(tmp_path).space_id("minilm", PROFILE, PROBES, noisy_other, "y") == second
+    )
+    assert await SpaceRecords(tmp_path).space_id("minilm", PROFILE, PROBES, b, "infinity") == first
 
 
 async def test_replicas_sharing_redis_report_one_id_whoever_records_first(
@@ -51,9 +56,9 @@ async def test_replicas_sharing_redis_report_one_id_whoever_records_first(
     assert (tmp_path / "replica-1").exists()  # the winner's recording, kept locally too
 
 
-def test_restarted_gateways_report_one_space_id(primary: LlamaCppProcess, tmp_path: Path) -> None:
+def test_ten_restarts_report_one_space_id(primary: LlamaCppProcess, tmp_path: Path) -> None:
     ids = set()
-    for _ in range(3):
+    for _ in range(10):
         settings = settings_for([llamacpp_backend("llama", primary.url)])
         settings["consistency"] = {"spaces_dir": str(tmp_path)}
         with run_gateway(settings) as gw:

@@ -176,6 +176,8 @@ def test_sighup_with_workers_replaces_them_and_keeps_serving(tmp_path: Path, tei
 
             wait_until(replaced, timeout=60)
             assert slow.result().status_code == 200 and slow.result().headers["x-embedding-backend"] == "a"
+        # A retiring worker may still accept for a moment after it left the control plane: wait for it to go.
+        wait_until(lambda: not any(_alive(p) for p in pids), timeout=30)
         served = [embed_url(gw.url, f"after {i}") for i in range(10)]
         assert {(r.status_code, r.headers["x-embedding-backend"]) for r in served} == {(200, "b")}
         # A bad file: everything keeps running as it was, one line names the field.
@@ -210,9 +212,9 @@ def test_ten_sighups_under_load_are_at_most_two_reloads_and_refuse_nothing(
         with ThreadPoolExecutor(4) as pool:
             for k in range(4):
                 pool.submit(load, k)
-            for _ in range(10):
+            for _ in range(10):  # all within the first reload (its roll of two workers takes seconds)
                 gw.proc.send_signal(signal.SIGHUP)
-                time.sleep(0.5)
+                time.sleep(0.1)
             wait_until(lambda: any("workers replaced after the reload" in line for line in gw.lines), timeout=60)
             time.sleep(3)  # a follow-up reload, if one was merged, starts at once: let it finish too
             wait_until(
@@ -224,5 +226,5 @@ def test_ten_sighups_under_load_are_at_most_two_reloads_and_refuse_nothing(
             )
             stop = time.monotonic()
         reloads = sum("configuration reloaded" in line for line in gw.lines)
-        assert 1 <= reloads <= 2, [line for line in gw.lines if "reload" in line]
+        assert 1 <= reloads <= 2, "\n".join(line[:200] for line in gw.lines if "reload" in line)
         assert outcomes and set(outcomes) == {"200"}, {o: outcomes.count(o) for o in set(outcomes)}

@@ -26,7 +26,7 @@ from gateway.consistency.space import Rows, Space, SpaceError, build, defining, 
 
 log = logging.getLogger(__name__)
 
-_REDIS_PREFIX = "embedding-gateway:space:"
+_REDIS_PREFIX = "embedding-gateway:spaces:"  # a list per model and profile: its spaces, first recorded first
 
 
 class SpaceRecords:
@@ -34,83 +34,96 @@ class SpaceRecords:
         self.directory = directory.expanduser()
         self._redis_url = redis_url
         self._warned: set[str] = set()
+        self._docs: dict[str, dict[str, Any]] = {}  # space id -> its recording, as written
 
     def _name(self, model: str, profile: ModelProfile) -> str:
         digest = hashlib.sha256(json.dumps(defining(profile), sort_keys=True).encode()).hexdigest()[:12]
         return f"{model}-{digest}"
 
     async def space_id(self, model: str, profile: ModelProfile, probes: list[Probe], rows: Rows, backend: str) -> str:
-        """The id of the space `rows` (the truth's unit vectors of the built-in probes) are in."""
+        """The id of the space `rows` (the truth's unit vectors of the built-in probes) are in: the first
+        recording it agrees with, else a new recording (every space gets an id free of last-bit noise)."""
         name = self._name(model, profile)
-        recorded = self._load_local(name, model, profile) or await self._load_shared(name, model, profile)
-        if recorded is None:
-            doc = build(model, profile, probes, rows, {"backend": backend, "auto": True})
-            winner = await self._share_first(name, doc)
-            recorded = self._parse(winner, model, profile) if winner is not None else None
-            recorded = recorded or self._parse(doc, model, profile)
-            if recorded is None:
-                return live_space_id(model, profile, rows)
-            self._save_local(name, recorded, winner or doc)
-        if _agrees(recorded, probes, rows, profile.agree_cosine):
-            return recorded.space_id
-        if name not in self._warned:
+        known = self._load_local(name, model, profile) + await self._load_shared(name, model, profile)
+        if (hit := _first_agreeing(known, probes, rows, profile.agree_cosine)) is not None:
+            return hit.space_id
+        doc = build(model, profile, probes, rows, {"backend": backend, "auto": True})
+        mine = self._parse(doc, model, profile)
+        if mine is None:
+            return live_space_id(model, profile, rows)
+        shared = await self._append_shared(name, doc, model, profile)
+        # Replicas that recorded the same new space at once: the first in Redis's list wins for all.
+        winner = _first_agreeing(shared, probes, rows, profile.agree_cosine) or mine
+        self._save_local(name, winner)
+        if known and name not in self._warned:
             self._warned.add(name)
             log.warning(
-                "model %s: its backends no longer produce the space recorded at %s on %s (%s): this is another "
-                "space; vectors stored from the old one must be re-indexed",
+                "model %s: its backends produce another space than the one recorded at %s on %s (%s): recorded "
+                "as %s; vectors stored from the old one must be re-indexed",
                 model,
-                recorded.recorded.get("at"),
-                recorded.recorded.get("backend"),
-                recorded.space_id,
+                known[0].recorded.get("at"),
+                known[0].recorded.get("backend"),
+                known[0].space_id,
+                winner.space_id,
             )
-        return live_space_id(model, profile, rows)
+        return winner.space_id
 
     # -- storage -------------------------------------------------------------------------------------
     def _parse(self, doc: Any, model: str, profile: ModelProfile) -> Space | None:
         try:
-            return parse(doc, None, model, profile)
+            space = parse(doc, None, model, profile)
         except SpaceError as exc:
             log.warning("model %s: an auto-recorded space is unusable (%s): recording again", model, exc)
             return None
+        self._docs[space.space_id] = doc
+        return space
 
-    def _load_local(self, name: str, model: str, profile: ModelProfile) -> Space | None:
-        path = self.directory / f"{name}.json"
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return self._parse(doc, model, profile)
+    def _load_local(self, name: str, model: str, profile: ModelProfile) -> list[Space]:
+        """Every space recorded here for this model and profile, oldest first."""
+        found = []
+        for path in self.directory.glob(f"{name}*.json"):
+            try:
+                doc = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if (space := self._parse(doc, model, profile)) is not None:
+                found.append(space)
+        return sorted(found, key=lambda sp: (str(sp.recorded.get("at")), sp.space_id))
 
-    def _save_local(self, name: str, space: Space, doc: dict[str, Any]) -> None:
+    def _save_local(self, name: str, space: Space) -> None:
+        path = self.directory / f"{name}-{space.space_id.rsplit('@', 1)[-1]}.json"
         with contextlib.suppress(OSError):
             self.directory.mkdir(parents=True, exist_ok=True)
             tmp = self.directory / f".{name}.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps(doc), encoding="utf-8")
-            tmp.replace(self.directory / f"{name}.json")
+            tmp.write_text(json.dumps(self._docs[space.space_id]), encoding="utf-8")
+            tmp.replace(path)
 
-    async def _load_shared(self, name: str, model: str, profile: ModelProfile) -> Space | None:
-        raw = await self._redis(lambda r: r.get(_REDIS_PREFIX + name))
-        if not raw:
-            return None
-        try:
-            doc = json.loads(raw)
-        except ValueError:
-            return None
-        space = self._parse(doc, model, profile)
-        if space is not None:
-            self._save_local(name, space, doc)
-        return space
+    async def _load_shared(self, name: str, model: str, profile: ModelProfile) -> list[Space]:
+        raws = await self._redis(lambda r: r.lrange(_REDIS_PREFIX + name, 0, -1))
+        return self._parse_all(raws or [], name, model, profile)
 
-    async def _share_first(self, name: str, doc: dict[str, Any]) -> dict[str, Any] | None:
-        """Offer the recording to Redis; whoever wrote first wins. None without Redis."""
+    async def _append_shared(self, name: str, doc: dict[str, Any], model: str, profile: ModelProfile) -> list[Space]:
+        """Append the recording to Redis's list of this model's spaces; the list as it is then (empty without
+        Redis)."""
         key = _REDIS_PREFIX + name
-        if await self._redis(lambda r: r.set(key, json.dumps(doc), nx=True)) is None:
-            return None
-        raw = await self._redis(lambda r: r.get(key))
-        try:
-            return json.loads(raw) if raw else None
-        except ValueError:
-            return None
+
+        async def append(r: Any) -> Any:
+            await r.rpush(key, json.dumps(doc))
+            return await r.lrange(key, 0, -1)
+
+        return self._parse_all(await self._redis(append) or [], name, model, profile)
+
+    def _parse_all(self, raws: list[Any], name: str, model: str, profile: ModelProfile) -> list[Space]:
+        out = []
+        for raw in raws:
+            try:
+                doc = json.loads(raw)
+            except ValueError:
+                continue
+            if (space := self._parse(doc, model, profile)) is not None:
+                out.append(space)
+                self._save_local(name, space)
+        return out
 
     async def _redis(self, op: Any) -> Any:
         if not self._redis_url:
@@ -125,6 +138,10 @@ class SpaceRecords:
             return None
         finally:
             await client.aclose()
+
+
+def _first_agreeing(spaces: list[Space], probes: list[Probe], rows: Rows, agree: float) -> Space | None:
+    return next((sp for sp in spaces if _agrees(sp, probes, rows, agree)), None)
 
 
 def _agrees(space: Space, probes: list[Probe], rows: Rows, agree: float) -> bool:

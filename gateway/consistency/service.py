@@ -374,9 +374,7 @@ class ConsistencyService:
                     log.warning(
                         "model %s: reference %s unavailable; %s (verified) takes over", model, previous, reference
                     )
-            # Checks against a pinned space use its probes only (there are no recorded vectors of client
-            # texts): they cannot clear a live audit's verdict; an unpinned full check embeds the texts.
-            included = set(self._suspect_texts[model]) if only is None and space is None else set()
+            suspects = set(self._suspect_texts[model]) if only is None else set()
             checker = Checker(
                 model,
                 self.profiles[model],
@@ -411,7 +409,9 @@ class ConsistencyService:
                         model, self.profiles[model], rows
                     )
             if self._distrusted[model]:
-                self._settle_distrust(model, report, included)
+                # Only a check that judged the client texts (a truth for them existed: an elected backend, or
+                # backends that agree with the pinned space) can clear a live audit's verdict.
+                self._settle_distrust(model, report, suspects if checker.traffic_judged else set())
             if only is None and space is None and report.reference and report.reference != self._anchor.get(model):
                 # Elected by the majority (judge.py): the next checks prefer it in a tie.
                 log.warning(

@@ -6,11 +6,16 @@ import asyncio
 import json
 from typing import Any
 
+import msgspec
+
 LIMIT = 16 * 1024 * 1024  # a line holds a snapshot or a report: far below this
 
 
-def encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":"), default=str).encode() + b"\n"
+_ENCODER = msgspec.json.Encoder(enc_hook=str)  # typed structs (a snapshot) as JSON; anything odd as text
+
+
+def encode(message: Any) -> bytes:
+    return _ENCODER.encode(message) + b"\n"
 
 
 async def read(reader: asyncio.StreamReader) -> dict[str, Any] | None:

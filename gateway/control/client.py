@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.consistency.service import ConsistencyService
 from gateway.control import channel
-from gateway.control.snapshot import Snapshot, apply
+from gateway.control.snapshot import Snapshot, apply, decode
 from gateway.errors import NoBackendAvailable
 from gateway.resilience.deadline import Deadline
 from gateway.tasks import cancel_all
@@ -80,7 +80,7 @@ class PlaneClient:
         first = await channel.read(reader)
         if first is None:
             raise ConnectionError("the control plane closed the connection before its first snapshot")
-        self.snapshot = first
+        self.snapshot = decode(first)
         self._writer = writer
         self._tasks = [
             asyncio.create_task(self._follow(reader), name="follow-snapshots"),
@@ -94,8 +94,8 @@ class PlaneClient:
 
     def managed_url(self, name: str) -> str | None:
         assert self.snapshot is not None
-        entry = self.snapshot["backends"].get(name)
-        return entry["url"] if entry else None
+        entry = self.snapshot.backends.get(name)
+        return entry.url if entry else None
 
     def attach(self, rt: Runtime) -> None:
         self._runtime = rt
@@ -107,7 +107,7 @@ class PlaneClient:
     def take(self, snapshot: Snapshot) -> None:
         """Swap in a snapshot (pushed, or returned with an answer); an older one never replaces a newer."""
         current = self.snapshot
-        if current is not None and snapshot.get("seq", 0) < current.get("seq", 0):
+        if current is not None and snapshot.seq < current.seq:
             return
         self.snapshot = snapshot
         rt = self._runtime
@@ -118,8 +118,8 @@ class PlaneClient:
 
     async def _follow(self, reader: asyncio.StreamReader) -> None:
         try:
-            while (snapshot := await channel.read(reader)) is not None:
-                self.take(snapshot)
+            while (message := await channel.read(reader)) is not None:
+                self.take(decode(message))
         except (OSError, ValueError) as exc:
             log.error("control channel broken: %s", exc)
         log.error("the control plane is gone (its process ended): this worker shuts down")
@@ -159,7 +159,7 @@ class PlaneClient:
         if answer is None:
             raise ControlPlaneUnavailable("the gateway's control plane closed the connection; retry")
         if (snapshot := answer.pop("snapshot", None)) is not None:
-            self.take(snapshot)
+            self.take(decode(snapshot))
         return answer
 
 
@@ -179,15 +179,15 @@ class FollowerConsistency(ConsistencyService):
         pass
 
     def follow(self, snapshot: Snapshot) -> None:
-        for model, m in snapshot["models"].items():
+        for model, m in snapshot.models.items():
             if model not in self._bootstrapped:
                 continue
-            if m["bootstrapped"]:
+            if m.bootstrapped:
                 self._bootstrapped[model].set()
-            if m["space_id"] is not None:
-                self._live_ids[model] = m["space_id"]
-            _set(self.drifted, model, m["drifted"])
-            _set(self.errors, model, m["error"])
+            if m.space_id is not None:
+                self._live_ids[model] = m.space_id
+            _set(self.drifted, model, m.drifted)
+            _set(self.errors, model, m.error)
 
     def audit_failed(self, model: str, backend: str, cosine: float, text: str, compared_with: str) -> None:
         """The control plane quarantines (one writer of verdicts); the text goes over the local socket only."""

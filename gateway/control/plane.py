@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgspec
+
 from gateway.control import channel
 from gateway.control.snapshot import Snapshot, build
 from gateway.resilience.deadline import Deadline
@@ -51,7 +53,7 @@ class ControlPlane:
         self.workers = workers
         self._seq = 0
         self._content: Snapshot | None = None  # the last snapshot's content, without its number
-        self._published: Snapshot = {}
+        self._published: Snapshot | None = None
         self._followers: dict[asyncio.StreamWriter, _Worker] = {}
         self._server: asyncio.AbstractServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -63,10 +65,10 @@ class ControlPlane:
     def current(self) -> Snapshot:
         """The latest snapshot; a new number only when something changed."""
         content = build(self.runtime, self.workers, self._pooled_quotas())
-        if content != self._content:
+        if content != self._content or self._published is None:
             self._content = content
             self._seq += 1
-            self._published = {**content, "seq": self._seq}
+            self._published = msgspec.structs.replace(content, seq=self._seq)
         return self._published
 
     def _pooled_quotas(self) -> dict[str, list[int]]:
@@ -154,8 +156,8 @@ class ControlPlane:
             f = figures.get(st.backend.name)
             if f is None:
                 continue
-            if f["last_success_at"] > st.last_success_at:
-                st.last_success_at = min(f["last_success_at"], time.monotonic())
+            if f["last_success_at"] > st.reported_success_at:
+                st.reported_success_at = min(f["last_success_at"], time.monotonic())
             if f["in_flight"]:  # calls at the backend: a probe stuck behind them means busy
                 st.busy_until = time.monotonic() + 2.5  # until the worker's next report (each second) and then some
 
