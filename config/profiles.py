@@ -21,6 +21,9 @@ class ModelProfile(BaseModel):
     pooling: Pooling
     prompts: dict[str, str] = Field(default_factory=dict, description="prompt name -> prefix")
     default_prompt_name: str | None = None
+    # A client's intent (Jina `task`, Cohere/Voyage `input_type`) -> the prompt that expresses it; the common
+    # names (COMMON_TASKS) apply to every model unless overridden here.
+    tasks: dict[str, str] = Field(default_factory=dict, description="task / input_type name -> prompt name")
     max_input_tokens: int = Field(gt=0)
     normalize: bool = Field(True, description="return L2-normalized vectors")
     # Agreement thresholds on the cosine of two backends' vectors for one probe (jina-v5.md §9):
@@ -37,6 +40,9 @@ class ModelProfile(BaseModel):
             raise ValueError(f"matryoshka_dimensions {too_big} must lie in 1..{self.dimension}")
         if not self.error_cosine <= self.agree_cosine <= self.warn_cosine:
             raise ValueError("thresholds must satisfy error_cosine <= agree_cosine <= warn_cosine")
+        wrong = {t: p for t, p in self.tasks.items() if self.prompts and p not in self.prompts}
+        if wrong:
+            raise ValueError(f"tasks {wrong} name prompts the model does not have; its prompts: {sorted(self.prompts)}")
         if self.default_prompt_name is not None and self.default_prompt_name not in self.prompts:
             raise ValueError(
                 f"default_prompt_name {self.default_prompt_name!r} is not one of prompts {sorted(self.prompts)}"
@@ -47,8 +53,32 @@ class ModelProfile(BaseModel):
     def allowed_dimensions(self) -> tuple[int, ...]:
         return tuple(sorted({*self.matryoshka_dimensions, self.dimension}))
 
+    @property
+    def task_table(self) -> dict[str, str]:
+        """Every intent name a client may send, and the prompt it means (for a model without prompts every
+        intent gives the same vector: they are all accepted)."""
+        common = {t: p for t, p in COMMON_TASKS.items() if not self.prompts or p in self.prompts}
+        return {**common, **self.tasks}
+
+
+# Intent names the common embedding APIs use (Cohere and Voyage `input_type`, Jina `task`, sentence-transformers
+# prompt names). Classification and clustering embed as documents unless a model's profile says otherwise.
+COMMON_TASKS: dict[str, str] = {
+    "query": "query",
+    "document": "document",
+    "passage": "document",
+    "search_query": "query",
+    "search_document": "document",
+    "retrieval.query": "query",
+    "retrieval.passage": "document",
+    "classification": "document",
+    "clustering": "document",
+}
+
 
 _JINA_PROMPTS = {"query": "Query: ", "document": "Document: "}
+# jina-embeddings-v5 text-matching (../shared/research/jina-v5.md): its other tasks embed as documents.
+_JINA_TASKS = {"text-matching": "document", "classification": "document", "clustering": "document"}
 
 BUILTIN_PROFILES: dict[str, ModelProfile] = {
     "jina-embeddings-v5-text-small-text-matching": ModelProfile(
@@ -57,6 +87,7 @@ BUILTIN_PROFILES: dict[str, ModelProfile] = {
         pooling="last",
         prompts=_JINA_PROMPTS,
         default_prompt_name="document",
+        tasks=_JINA_TASKS,
         max_input_tokens=32768,
     ),
     "jina-embeddings-v5-text-nano-text-matching": ModelProfile(
@@ -65,6 +96,7 @@ BUILTIN_PROFILES: dict[str, ModelProfile] = {
         pooling="last",
         prompts=_JINA_PROMPTS,
         default_prompt_name="document",
+        tasks=_JINA_TASKS,
         max_input_tokens=8192,
     ),
     "all-minilm-l6-v2": ModelProfile(

@@ -48,6 +48,11 @@ class ServerSettings(BaseModel):
     max_connections: int | None = Field(
         None, gt=0, description="open client connections; beyond, the oldest idle one is closed (default: fd limit)"
     )
+    unknown_fields: Literal["reject", "ignore"] = Field(
+        "reject",
+        description="request fields a route does not know: 400 naming them (a misspelt `dimension` would "
+        "otherwise change nothing, silently), or ignored",
+    )
 
 
 class ResilienceSettings(BaseModel):
@@ -109,7 +114,18 @@ _NOT_PROFILE = {
     "truncate",
     "on_partial_disagreement",
     "audit_sample",
+    "aliases",
 }
+
+
+class AliasConfig(BaseModel):
+    """A second name for a model: the same space and backends, another default prompt (a framework's query
+    embedder then only changes its model name)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    prompt: str | None = Field(None, description="the prompt requests under this name get unless they name one")
 
 
 class ModelConfig(BaseModel):
@@ -157,6 +173,9 @@ class ModelConfig(BaseModel):
         "taken out (quarantine)",
     )
 
+    aliases: list[AliasConfig] = Field(default_factory=list, description="other names for this model")
+    tasks: dict[str, str] | None = None
+
     _resolved: ModelProfile | None = PrivateAttr(None)
     _space: Any = PrivateAttr(None)  # the loaded pinned space (gateway.consistency.space.Space)
     _tokenizer: Any = PrivateAttr(None)  # the loaded tokenizer (gateway.tokens.ModelTokenizer) or None
@@ -179,11 +198,20 @@ class ModelConfig(BaseModel):
             and base.get("default_prompt_name") not in overrides["prompts"]
         ):
             base["default_prompt_name"] = None
+        if "tasks" in overrides:  # the profile's task names stay unless overridden one by one
+            overrides["tasks"] = {**base.get("tasks", {}), **overrides["tasks"]}
         merged = {**base, **overrides}
         missing = [k for k in ("dimension", "pooling", "max_input_tokens") if k not in merged]
         if missing:
             raise ValueError(f"no built-in `profile` given, so {missing} must be set inline")
         self._resolved = ModelProfile.model_validate(merged)
+        prompts = self._resolved.prompts
+        for alias in self.aliases:
+            if alias.prompt is not None and alias.prompt not in prompts:
+                known = sorted(prompts) or "none"
+                raise ValueError(
+                    f"alias {alias.name!r}: prompt {alias.prompt!r} is not one of the model's prompts ({known})"
+                )
         return self
 
     @property
@@ -206,7 +234,7 @@ class GatewaySettings(BaseSettings):
     @model_validator(mode="after")
     def _cross_references(self) -> GatewaySettings:
         model_names = [m.name for m in self.models]
-        _unique("models", model_names)
+        _unique("models and model aliases", model_names + [a.name for m in self.models for a in m.aliases])
         _unique("backends", [b.name for b in self.backends])
         for b in self.backends:
             if b.model not in model_names:

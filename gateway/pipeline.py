@@ -16,7 +16,9 @@ import numpy as np
 from config.profiles import ModelProfile
 from gateway.errors import InvalidRequest
 
-Encoding = Literal["float", "base64"]
+# How vectors go out: float numbers, base64 of float32, or quantized (gateway/api/quantize.py).
+Encoding = Literal["float", "base64", "int8", "uint8", "binary", "ubinary"]
+ENCODINGS: tuple[str, ...] = ("float", "base64", "int8", "uint8", "binary", "ubinary")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,9 +29,13 @@ class EmbedRequest:
     texts: list[str]
     prompt_name: str | None = None
     dimensions: int | None = None
-    encoding: Encoding = "float"
+    encoding: str = "float"  # one of ENCODINGS
     cache: str = "use"  # use | refresh (cache-control: no-cache) | off (no-store)
     truncate: str | None = None  # none | right | left; None: the model's `truncate` setting
+    intent: tuple[str, str] | None = None  # (field, value): Jina `task`, Cohere/Voyage `input_type`
+    alias: str | None = None  # the model name the client used, when it is an alias of `model`
+    default_prompt: str | None = None  # the alias's prompt: used when the request names none
+    outputs: tuple[str, ...] = ()  # several encodings at once (Cohere `embedding_types`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +47,29 @@ class Prompt:
 
     def apply(self, texts: Sequence[str]) -> list[str]:
         return apply_prompt(self.prefix, texts)
+
+
+def resolve_intent(profile: ModelProfile, req: EmbedRequest) -> str | None:
+    """The prompt name a request asks for: `prompt_name`, its intent (`task` / `input_type`) through the
+    model's task table, or an alias's prompt. Never dropped: an intent the model does not serve is refused,
+    and so is a prompt_name that contradicts the intent."""
+    if req.intent is None:
+        return req.prompt_name if req.prompt_name is not None else req.default_prompt
+    param, value = req.intent
+    table = profile.task_table
+    if value not in table:
+        raise InvalidRequest(
+            f"{param} {value!r} is not served by model {req.alias or req.model!r}; allowed values: {sorted(table)}",
+            param=param,
+        )
+    mapped = table[value] if profile.prompts else None
+    if req.prompt_name is not None and mapped is not None and req.prompt_name != mapped:
+        raise InvalidRequest(
+            f"prompt_name {req.prompt_name!r} contradicts {param} {value!r} (which means prompt {mapped!r}); "
+            "send one of them",
+            param=param,
+        )
+    return mapped if mapped is not None else req.prompt_name
 
 
 def resolve_prompt(profile: ModelProfile, prompt_name: str | None) -> Prompt:

@@ -59,6 +59,8 @@ class Runtime:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.profiles = {m.name: m.resolved for m in settings.models}
+        # Another name for a model -> (the model, the prompt its requests get unless they name one).
+        self.aliases = {a.name: (m.name, a.prompt) for m in settings.models for a in m.aliases}
         self.default_model = settings.server.default_model or settings.models[0].name
         self.budget = WorkBudget(settings.server.max_inflight_bytes, settings.server.max_inflight_texts)
         self.guard = Guard(settings.auth, self.metrics)

@@ -19,6 +19,7 @@ from gateway.pipeline import (
     finish,
     l2_normalize,
     resolve_dimensions,
+    resolve_intent,
     resolve_prompt,
 )
 from gateway.resilience.deadline import Deadline
@@ -70,7 +71,7 @@ class EmbeddingService:
     async def embed(self, req: EmbedRequest, timeout_s: float | None = None) -> EmbedResult:
         """`timeout_s` (from x-request-timeout) may lower the configured request deadline."""
         profile = self.profile(req.model)
-        prompt = resolve_prompt(profile, req.prompt_name)
+        prompt = resolve_prompt(profile, resolve_intent(profile, req))
         dims = resolve_dimensions(profile, req.dimensions)
         req, counts, truncated = self._fit(req, profile, prompt)
         deadline = self.router.deadline(timeout_s)

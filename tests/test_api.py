@@ -186,7 +186,7 @@ BAD_OPENAI = [
     ({"model": "nope", "input": "x"}, 404, "known models: ['minilm', 'minilm-mrl']"),
     ({"input": "x"}, 400, "`model` is required"),
     ({"model": "minilm-mrl", "input": "x", "prompt_name": "passage"}, 400, "['document', 'query']"),
-    ({"model": "minilm", "input": "x", "encoding_format": "int8"}, 400, "'float' or 'base64'"),
+    ({"model": "minilm", "input": "x", "encoding_format": "int8"}, 400, "use one of ['float', 'base64']"),
     ({"model": "minilm", "input": ["x"] * 65}, 400, "at most 64"),
     ({"model": "minilm", "input": "word " * 700}, 400, "Please reduce your prompt; or completion length."),
 ]

@@ -187,3 +187,33 @@ def test_backend_kinds_validate(tmp_path: Path, backend: dict[str, str], needle:
     text = EXACT_SHAPE.split("[[backends]]")[0] + "[[backends]]\n" + table + "\n"
     with pytest.raises(ConfigError, match=re.escape(needle)):
         load_settings(write(tmp_path, text))
+
+
+def _jina(**model: object) -> dict[str, object]:
+    return {
+        "models": [{"name": "jina", "profile": "jina-embeddings-v5-text-small-text-matching", **model}],
+        "backends": [{"name": "x", "kind": "tei", "model": "jina", "url": "http://h"}],
+    }
+
+
+def test_tasks_extend_the_profile_and_must_name_its_prompts() -> None:
+    table = GatewaySettings.model_validate(_jina(tasks={"code.query": "query"})).profile("jina").task_table
+    assert table["code.query"] == "query" and table["text-matching"] == "document"
+    assert table["search_query"] == "query" and "separation" not in table
+    with pytest.raises(Exception, match="name prompts the model does not have"):
+        GatewaySettings.model_validate(_jina(tasks={"code.query": "code"}))
+
+
+def test_aliases_name_a_prompt_and_never_shadow_a_model() -> None:
+    with pytest.raises(Exception, match="alias 'jq': prompt 'q' is not one of the model's prompts"):
+        GatewaySettings.model_validate(_jina(aliases=[{"name": "jq", "prompt": "q"}]))
+    with pytest.raises(Exception, match="repeated: \\['jina'\\]"):
+        GatewaySettings.model_validate(_jina(aliases=[{"name": "jina", "prompt": "query"}]))
+    ok = GatewaySettings.model_validate(_jina(aliases=[{"name": "jina-query", "prompt": "query"}]))
+    assert ok.models[0].aliases[0].prompt == "query"
+
+
+def test_unknown_fields_setting() -> None:
+    assert GatewaySettings.model_validate(_jina()).server.unknown_fields == "reject"
+    with pytest.raises(Exception, match="unknown_fields"):
+        GatewaySettings.model_validate({**_jina(), "server": {"unknown_fields": "warn"}})

@@ -73,7 +73,14 @@ def variants(path: str, url: str) -> list[str]:
     ]
 
 
-BODY = {"/v1/embeddings": json.dumps({"model": "minilm", "input": "x"}).encode()}
+_OPENAI_BODY = json.dumps({"model": "minilm", "input": "x"}).encode()
+_COHERE_BODY = json.dumps({"model": "minilm", "texts": ["x"]}).encode()
+BODY = {
+    "/v1/embeddings": _OPENAI_BODY,
+    "/embeddings": _OPENAI_BODY,
+    "/v2/embed": _COHERE_BODY,
+    "/v1/embed": _COHERE_BODY,
+}
 TEI_BODY = json.dumps({"inputs": "x"}).encode()
 
 

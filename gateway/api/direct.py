@@ -123,6 +123,9 @@ class EmbeddingRoutes:
         budget = runtime.budget
         with budget.body(size):
             req = parse(await read_body(receive, limit), runtime)
+            if req.model in runtime.aliases:  # another name for a model, with its own default prompt
+                model, prompt = runtime.aliases[req.model]
+                req = dataclasses.replace(req, model=model, alias=req.model, default_prompt=prompt)
             control = (_header(scope, b"cache-control") or "").lower()
             if "no-store" in control:  # neither read nor write the cache
                 req = dataclasses.replace(req, cache="off")

@@ -58,6 +58,7 @@ class Dialect(Enum):
 
     OPENAI = "openai"
     TEI = "tei"
+    COHERE = "cohere"  # {"message": ...}
 
 
 # The ASGI scope key under which the outermost layer leaves the matched route's dialect for Litestar's handler.
@@ -163,6 +164,8 @@ def render(dialect: Dialect, problem: Problem) -> bytes:
     if dialect is Dialect.TEI:
         error_type = "Empty" if "empty" in problem.message else _TEI_TYPES.get(problem.status, "Validation")
         body: Any = {"error": problem.message, "error_type": error_type}
+    elif dialect is Dialect.COHERE:
+        body = {"message": problem.message}
     else:
         body = {
             "error": {

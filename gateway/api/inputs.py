@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 import unicodedata
 from typing import Any
 
@@ -9,15 +10,44 @@ import msgspec
 
 from gateway.errors import InvalidRequest
 
+_LAX: dict[type, type] = {}
 
-def decode_body(body: bytes, struct: type[msgspec.Struct]) -> Any:
+
+def lax(struct: type[msgspec.Struct]) -> type[msgspec.Struct]:
+    """The same request type, ignoring unknown fields (`[server] unknown_fields = "ignore"`)."""
+    found = _LAX.get(struct)
+    if found is None:
+        found = _LAX[struct] = types.new_class(f"Lax{struct.__name__}", (struct,), {"forbid_unknown_fields": False})
+    return found
+
+
+def _unknown(body: bytes, struct: type[msgspec.Struct]) -> InvalidRequest:
+    """400 naming every field the route does not take (msgspec names only the first)."""
+    known = set(struct.__struct_fields__)
+    try:
+        sent = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        sent = {}
+    unknown = [k for k in sent if k not in known] if isinstance(sent, dict) else []
+    names = ", ".join(f"`{k}`" for k in unknown) or "a field"
+    return InvalidRequest(
+        f"unknown field{'s' if len(unknown) > 1 else ''} {names}: this route takes {sorted(known)}. A misspelt or "
+        'unsupported field would otherwise change nothing, silently (server.unknown_fields = "ignore" accepts '
+        "them)",
+        param=unknown[0] if unknown else None,
+    )
+
+
+def decode_body(body: bytes, struct: type[msgspec.Struct], strict: bool = True) -> Any:
     if not body.strip():
         raise InvalidRequest("request body is empty; send a JSON object")
     try:
-        return msgspec.json.decode(body, type=struct)
+        return msgspec.json.decode(body, type=struct if strict else lax(struct))
     except msgspec.ValidationError as exc:
         # msgspec says e.g. "Expected `int | null`, got `str` - at `$.dimensions`".
         msg = str(exc)
+        if msg.startswith("Object contains unknown field") and "- at `$." not in msg:
+            raise _unknown(body, struct) from None
         param = msg.rsplit("`$.", 1)[1].rstrip("`").split("[")[0] if "`$." in msg else None
         raise InvalidRequest(f"invalid request: {msg}", param=param) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
@@ -64,6 +94,8 @@ def parse_texts(value: Any, param: str, max_inputs: int) -> list[str]:
     """A string or a non-empty list of non-empty strings; token-id arrays are refused by name."""
     if value is None or value is msgspec.UNSET:
         raise InvalidRequest(f"`{param}` is required", param=param)
+    if isinstance(value, dict):
+        value = [value]
     if isinstance(value, str):
         if not _visible(value):
             raise InvalidRequest(f"`{param}` {_BLANK}", param=param)
@@ -77,6 +109,8 @@ def parse_texts(value: Any, param: str, max_inputs: int) -> list[str]:
             f"`{param}` has {len(value)} items; at most {max_inputs} are allowed per request", param=param
         )
     for i, item in enumerate(value):
+        if isinstance(item, dict):  # Jina's {"text": ...} items
+            item = value[i] = _text_item(item, f"{param}[{i}]")
         if isinstance(item, str):
             if not _visible(item):
                 raise InvalidRequest(f"`{param}[{i}]` {_BLANK}", param=param)
@@ -90,6 +124,14 @@ def parse_texts(value: Any, param: str, max_inputs: int) -> list[str]:
             )
         raise InvalidRequest(f"`{param}[{i}]` must be a string, got {type(item).__name__}", param=param)
     return value
+
+
+def _text_item(item: dict[str, Any], where: str) -> str:
+    if set(item) == {"text"} and isinstance(item["text"], str):
+        return item["text"]
+    if "image" in item or "url" in item:
+        raise InvalidRequest(f"`{where}` is an image; this gateway embeds text only", param=where.split("[")[0])
+    raise InvalidRequest(f'`{where}` must be a string or {{"text": "..."}}', param=where.split("[")[0])
 
 
 def truncation(truncate: bool | None, direction: str | None) -> str | None:

@@ -76,7 +76,17 @@ def _model_entry(rt: Runtime, name: str) -> dict[str, Any]:
         # The tokenizer that counts, limits and cuts this model's inputs (null: none known; inputs go as sent).
         "tokenizer": str(tok.path) if (tok := rt.service.lengths[name].tokenizer) is not None else None,
         "truncate": rt.service.lengths[name].truncate,
+        "tasks": p.task_table,  # `task` / `input_type` values -> the prompt they mean
+        "aliases": [{"id": a, "prompt": prompt} for a, (m, prompt) in rt.aliases.items() if m == name],
     }
+
+
+def _alias_entry(rt: Runtime, alias: str) -> dict[str, Any]:
+    """An alias is listed as a model of its own (frameworks pick models by name), saying what it stands for."""
+    model, prompt = rt.aliases[alias]
+    entry = _model_entry(rt, model)
+    del entry["aliases"]
+    return {**entry, "id": alias, "alias_of": model, "default_prompt_name": prompt or entry["default_prompt_name"]}
 
 
 @get("/v1/models", responses=errors_of())
@@ -85,12 +95,16 @@ async def models(request: Request[Any, Any, Any]) -> dict[str, Any]:
     rt = _runtime(request)
     caller = CALLER.get()
     names = [n for n in rt.profiles if caller is None or caller.may_use(n)]
-    return {"object": "list", "data": [_model_entry(rt, name) for name in names]}
+    aliases = [a for a, (m, _) in rt.aliases.items() if m in names]
+    return {"object": "list", "data": [_model_entry(rt, n) for n in names] + [_alias_entry(rt, a) for a in aliases]}
 
 
 @get("/v1/models/{model_id:str}", responses=errors_of(400, 404))
 async def model(request: Request[Any, Any, Any], model_id: FromPath[str]) -> dict[str, Any]:
     rt = _runtime(request)
+    if model_id in rt.aliases:
+        rt.guard.allow_model(CALLER.get(), rt.aliases[model_id][0], True)
+        return _alias_entry(rt, model_id)
     rt.guard.allow_model(CALLER.get(), model_id, model_id in rt.profiles)
     rt.service.profile(model_id)  # 404 in the client's dialect when unknown
     return _model_entry(rt, model_id)

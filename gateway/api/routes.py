@@ -16,7 +16,7 @@ from typing import Any
 
 from litestar.handlers import HTTPRouteHandler
 
-from gateway.api import consistency, ops, schema
+from gateway.api import cohere, consistency, ops, schema
 from gateway.api import openai as openai_dialect
 from gateway.api import tei as tei_dialect
 from gateway.api.errors import Dialect
@@ -52,10 +52,15 @@ def of(
 
 _OPENAI: Direct = (openai_dialect.parse, openai_dialect.render)
 _TEI: Direct = (tei_dialect.parse, tei_dialect.render)
+_COHERE_V2: Direct = (cohere.parse_v2, cohere.render)
+_COHERE_V1: Direct = (cohere.parse_v1, cohere.render)
 
 ENTRIES: tuple[Entry, ...] = (
     # Embeddings: a key (when auth is on), served straight from ASGI (gateway.api.direct).
     of(schema.openai_embeddings, Access.KEY, direct=_OPENAI),
+    of(schema.openai_embeddings_unversioned, Access.KEY, direct=_OPENAI),
+    of(schema.cohere_v2, Access.KEY, Dialect.COHERE, _COHERE_V2),
+    of(schema.cohere_v1, Access.KEY, Dialect.COHERE, _COHERE_V1),
     of(schema.tei_embed, Access.KEY, Dialect.TEI, _TEI),
     of(schema.tei_root, Access.KEY, Dialect.TEI, _TEI),
     of(schema.tei_invocations, Access.KEY, Dialect.TEI, _TEI),
@@ -169,7 +174,9 @@ class RouteTable:
 
 def dialect_for_unknown(path: str) -> Dialect:
     """The dialect a path's prefix suggests, for a 404 on a path the table does not hold."""
-    return Dialect.TEI if path.startswith(_TEI_PREFIXES) else Dialect.OPENAI
+    if path.startswith(_TEI_PREFIXES) and not path.startswith("/embeddings"):
+        return Dialect.TEI
+    return Dialect.COHERE if path.startswith("/v2/") else Dialect.OPENAI
 
 
 TABLE = RouteTable(ENTRIES)

@@ -14,7 +14,7 @@ from gateway.runtime import Runtime
 from gateway.service import EmbedResult
 
 
-class TEIEmbedRequest(msgspec.Struct):
+class TEIEmbedRequest(msgspec.Struct, forbid_unknown_fields=True):
     inputs: Any = None
     normalize: bool = True
     truncate: bool | None = None
@@ -24,8 +24,8 @@ class TEIEmbedRequest(msgspec.Struct):
     model: str | None = None  # extension: which model; default the server's default model
 
 
-def to_request(body: bytes, default_model: str, max_inputs: int) -> EmbedRequest:
-    req: TEIEmbedRequest = decode_body(body, TEIEmbedRequest)
+def to_request(body: bytes, default_model: str, max_inputs: int, strict: bool = True) -> EmbedRequest:
+    req: TEIEmbedRequest = decode_body(body, TEIEmbedRequest, strict)
     if not req.normalize:
         raise InvalidRequest(
             "normalize=false is not supported: the gateway always returns L2-normalized vectors so that every "
@@ -38,7 +38,8 @@ def to_request(body: bytes, default_model: str, max_inputs: int) -> EmbedRequest
 
 
 def parse(body: bytes, runtime: Runtime) -> EmbedRequest:
-    return to_request(body, runtime.default_model, runtime.settings.server.max_inputs)
+    server = runtime.settings.server
+    return to_request(body, runtime.default_model, server.max_inputs, server.unknown_fields == "reject")
 
 
 def render(result: EmbedResult, _req: EmbedRequest) -> bytes:
