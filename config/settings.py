@@ -115,6 +115,7 @@ _NOT_PROFILE = {
     "on_partial_disagreement",
     "audit_sample",
     "aliases",
+    "coalesce_ms",
 }
 
 
@@ -174,6 +175,13 @@ class ModelConfig(BaseModel):
     )
 
     aliases: list[AliasConfig] = Field(default_factory=list, description="other names for this model")
+    coalesce_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1000,
+        description="concurrent requests for this model and prompt arriving within this window share one backend "
+        "call (only on backends whose vectors do not depend on batch composition); 0 turns it off",
+    )
     tasks: dict[str, str] | None = None
 
     _resolved: ModelProfile | None = PrivateAttr(None)

@@ -100,6 +100,18 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.coalesced_requests = Counter(
+            "embedding_gateway_coalesced_requests_total",
+            "Client requests whose texts went to a backend in one call with other requests' (coalescing).",
+            ["backend"],
+            registry=self.registry,
+        )
+        self.batch_texts = Histogram(
+            "embedding_gateway_batch_texts",
+            "Texts per coalesced backend call (several requests merged).",
+            buckets=(2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry,
+        )
         self.audits = Counter(
             "embedding_gateway_audits_total",
             "Live-traffic audits of served vectors by outcome: pass, fail (the backend was quarantined), undecided "

@@ -108,29 +108,46 @@ class Router:
         prompt: Prompt = NO_PROMPT,
         deadline: Deadline | None = None,
         longest: int | None = None,
+        coalesced: bool = False,
     ) -> Routed:
         """Embed `texts` (without prompt) on the model's compatible backends; vectors in input order.
         `longest`: the most tokens of any input (the model's tokenizer counted them): only backends whose
-        declared input limit covers it are used - never one that would truncate or refuse it."""
+        declared input limit covers it are used - never one that would truncate or refuse it.
+        `coalesced`: several requests' texts in one call: only backends whose vectors do not depend on what
+        else is in the batch (none: NoBackendAvailable, and the coalescer sends each request alone)."""
         deadline = deadline or self.deadline()
         if self._gate is not None:
             await self._gate(model, deadline.remaining())
         try:
-            routed = await self._route(model, texts, prompt, deadline, longest)
+            routed = await self._route(model, texts, prompt, deadline, longest, coalesced)
         except NoBackendAvailable:
-            if deadline.expired or self._rescue is None or not await self._rescue(model, deadline):
+            if coalesced or deadline.expired or self._rescue is None or not await self._rescue(model, deadline):
                 raise
             log.info("model %s: a newly verified backend takes over the request", model)
             routed = await self._route(model, texts, prompt, deadline, longest)
         self._metrics.inputs_served(model, len(texts))  # texts served, not texts asked for
         return routed
 
+    def mergeable(self, model: str) -> list[BackendState]:
+        """The model's backends in service that take merged calls: measured batch-invariant."""
+        return [st for st in self.members(model) if st.batch_invariant]
+
+    def merge_limit(self, model: str) -> int:
+        """Most texts in one merged call: the batch limit of the backends that take them."""
+        return self._chunk_size(self.mergeable(model))
+
     async def _route(
-        self, model: str, texts: list[str], prompt: Prompt, deadline: Deadline, longest: int | None = None
+        self,
+        model: str,
+        texts: list[str],
+        prompt: Prompt,
+        deadline: Deadline,
+        longest: int | None = None,
+        coalesced: bool = False,
     ) -> Routed:
         if deadline.expired:
             raise DeadlineExceeded(f"the request's deadline passed before model {model!r} could be called")
-        members = self.members(model)
+        members = self.mergeable(model) if coalesced else self.members(model)
         if not members:
             reason = self._explain(model) or f"model {model!r} has no compatible backend in service"
             raise NoBackendAvailable(reason, retry_after=self.policy.retry_after_cap_s)

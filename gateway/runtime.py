@@ -61,6 +61,7 @@ class Runtime:
         self.profiles = {m.name: m.resolved for m in settings.models}
         # Another name for a model -> (the model, the prompt its requests get unless they name one).
         self.aliases = {a.name: (m.name, a.prompt) for m in settings.models for a in m.aliases}
+        self.coalesce_ms = {m.name: m.coalesce_ms for m in settings.models}
         self.default_model = settings.server.default_model or settings.models[0].name
         self.budget = WorkBudget(settings.server.max_inflight_bytes, settings.server.max_inflight_texts)
         self.guard = Guard(settings.auth, self.metrics)
@@ -189,6 +190,7 @@ class Runtime:
             observe=consistency.observe_traffic,
             cache=self.cache,
             lengths={m.name: LengthPolicy(tokenizer_of(m), m.truncate) for m in self.settings.models},
+            coalesce_ms=self.coalesce_ms,
         )
         self.health = HealthMonitor(
             self.states,

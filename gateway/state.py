@@ -40,6 +40,9 @@ class BackendState:
     # RESTRICTED: scripts it disagrees with the model on; requests with text in them never go there.
     excluded_scripts: frozenset[str] = frozenset()
     last_pass_at: float | None = None  # time.time() of its last passing agreement check (the cache trusts it)
+    # Its vectors do not depend on batch composition (measured by the checker): it may take coalesced calls.
+    batch_invariant: bool | None = None
+    batch_cosine: float | None = None
     admission: Admission = field(default_factory=lambda: Admission(DEFAULT_CONCURRENCY))
     workers: int = 1  # processes sharing the backend (serve --workers N): each admits its share
     recent_ms: deque[float] = field(default_factory=lambda: deque(maxlen=_RECENT), repr=False)  # client calls

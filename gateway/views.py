@@ -40,6 +40,25 @@ def _figures(rt: Runtime, st: BackendState) -> dict[str, Any]:
     }
 
 
+def _coalescing(rt: Runtime, st: BackendState) -> dict[str, Any]:
+    """Whether the backend takes coalesced calls, and why not."""
+    window = rt.coalesce_ms.get(st.backend.model, 0)
+    if not window:
+        return {"coalescing": "off", "coalescing_reason": "coalesce_ms = 0 for its model"}
+    if st.batch_invariant is None:
+        return {"coalescing": "off", "coalescing_reason": "not measured yet (the agreement check measures it)"}
+    if not st.batch_invariant:
+        return {
+            "coalescing": "off",
+            "coalescing_reason": f"its vectors change with batch composition (a probe alone vs in a batch: cos "
+            f"{st.batch_cosine:.6f})",
+        }
+    return {
+        "coalescing": "on",
+        "coalescing_reason": f"batch-invariant (cos {st.batch_cosine:.6f}); window {window:g} ms",
+    }
+
+
 def backends_view(rt: Runtime, workers: list[dict[str, Any]] | None = None, count: int = 1) -> dict[str, Any]:
     """`workers`: {"id", "pid", "backends": worker_figures()} of each worker process, when other processes
     serve the traffic (`count` of them configured)."""
@@ -61,6 +80,7 @@ def backends_view(rt: Runtime, workers: list[dict[str, Any]] | None = None, coun
             "agreement": str(st.agreement),
             "agreement_detail": st.agreement_detail,
             "excluded_scripts": sorted(st.excluded_scripts),  # restricted: texts in these never go there
+            **_coalescing(rt, st),
             "space_id": rt.consistency.space_id(b.model) if rt.consistency else None,
             "min_cosine": judged.min_cosine if judged else None,
             "mean_cosine": judged.mean_cosine if judged else None,

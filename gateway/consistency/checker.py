@@ -132,6 +132,10 @@ class Checker:
             )
         for st, res in zip(live, results, strict=True):
             vectors[st.backend.name] = res
+        batch_cosines: dict[str, float | None] = {}
+        if self.only is None and self._probes is None:
+            cosines_ = await asyncio.gather(*(self._batch_cosine(st, vectors[st.backend.name], probes) for st in live))
+            batch_cosines = {st.backend.name: c for st, c in zip(live, cosines_, strict=True)}
         if self.only is None:
             measured = {
                 st.backend.name: (st, v) for st in live if isinstance(v := vectors[st.backend.name], ProbeVectors)
@@ -219,12 +223,32 @@ class Checker:
             if f.severity == "error" and f.kind in ("dimension", "pooling") and judged and judged.verdict.compatible:
                 f.severity = "warning"
                 f.message += " (but its vectors agree with the reference, so it stays in service)"
+        for b in report.backends:
+            b.batch_cosine = batch_cosines.get(b.name)
         report.matrix_names = [st.backend.name for st in self.states]
         report.matrix = [
             [self._pair_min(vectors[a], vectors[b]) for b in report.matrix_names] for a in report.matrix_names
         ]
         report.duration_ms = round((time.perf_counter() - started) * 1000, 1)
         return report
+
+    async def _batch_cosine(
+        self, st: BackendState, res: ProbeVectors | BackendError, probes: list[Probe]
+    ) -> float | None:
+        """The first short probe embedded alone against its vector from the probe batch (it came in a call with
+        other probes): whether the backend's vectors depend on what else is in the batch (vLLM #15393)."""
+        if not isinstance(res, ProbeVectors) or (st.batch_limit() or 2) < 2:
+            return None
+        pname = next(iter(self.profile.prompts), None)
+        key = (pname, 0)
+        if probes[0].long or key not in res.rows:
+            return None
+        prefix = self.profile.prompts.get(pname, "") if pname else ""
+        try:
+            alone = (await self.io.embed(st, [self.io.send(st, prefix, probes[0].text)], pname))[0]
+        except BackendError:
+            return None
+        return round(float(alone @ res.rows[key]) / float(np.linalg.norm(alone)), 6)
 
     def _helper(self, vectors: dict[str, ProbeVectors | BackendError], space: ProbeVectors) -> BackendState | None:
         """Against a pinned space: a backend that agrees with it, to re-embed prompt variants when

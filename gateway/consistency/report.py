@@ -47,6 +47,9 @@ class BackendResult:
     per_probe: dict[str, float] = field(default_factory=dict)  # probe -> cosine to the reference (min over prompts)
     per_group: dict[str, float] = field(default_factory=dict)  # probe group (length, script) -> min cosine
     excluded_scripts: list[str] = field(default_factory=list)  # RESTRICTED: requests with these never go there
+    # A probe alone against the same probe inside a batch of others: cos >= warn_cosine means its vectors do not
+    # depend on batch composition, so it may take coalesced calls. None: not measured.
+    batch_cosine: float | None = None
 
 
 @dataclass

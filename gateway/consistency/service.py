@@ -483,6 +483,9 @@ class ConsistencyService:
                 continue
             st.agreement = res.verdict
             st.excluded_scripts = frozenset(res.excluded_scripts)
+            if res.batch_cosine is not None:
+                st.batch_cosine = res.batch_cosine
+                st.batch_invariant = res.batch_cosine >= self.profiles[model].warn_cosine
             if res.verdict.compatible:
                 st.last_pass_at = report.checked_at
             finding = findings.get(st.backend.name)

@@ -30,6 +30,8 @@ class BackendEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     last_error: str | None
     info: BackendInfo | None
     url: str | None  # a managed server's address
+    batch_invariant: bool | None = None
+    batch_cosine: float | None = None
 
 
 class ModelEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -72,6 +74,8 @@ def build(rt: Runtime, workers: int, quotas: dict[str, list[int]] | None = None)
             last_error=st.last_error,
             info=st.info,
             url=sup.url if sup is not None else None,
+            batch_invariant=st.batch_invariant,
+            batch_cosine=st.batch_cosine,
         )
     models = {
         m: ModelEntry(
@@ -101,6 +105,7 @@ def apply(snapshot: Snapshot, rt: Runtime) -> None:
         st.last_pass_at = b.last_pass_at
         st.last_check_error_kind = b.check_error
         st.last_error = b.last_error
+        st.batch_invariant, st.batch_cosine = b.batch_invariant, b.batch_cosine
         if b.info != st.info or st.workers != workers:
             st.workers = workers
             st.learn(b.info)

@@ -42,6 +42,10 @@ class TeiConfig:
     seconds_per_call: float = 0.0
     seconds_per_text: float = 0.0
     version: str = "1.9.3"  # >= 1.9 answers validation errors with 422, older with 413
+    # A server whose vectors depend on what else is in the batch (padding effects, vLLM #15393): each vector
+    # is pulled towards the batch's mean by this share when the batch holds several texts.
+    batch_mixing: float = 0.0
+    reject_text: str | None = None  # a call with an input containing this is refused (422 Validation)
 
 
 class TeiServer(ContractServer):
@@ -167,8 +171,13 @@ class TeiServer(ContractServer):
                     )
                     return self.error(self.validation_status, msg, "Validation")
                 prompted[i] = await self.truncate(text, c.max_input_length)
+        if c.reject_text is not None and any(c.reject_text in t for t in texts):
+            return self.error(self.validation_status, "Input validation error: unsupported input", "Validation")
         await self.compute(len(prompted))
         raw, tokens = await self.embed_upstream(prompted)
+        if c.batch_mixing and len(prompted) > 1:
+            unit = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+            raw = (1 - c.batch_mixing) * unit + c.batch_mixing * unit.mean(axis=0)
         dims = body.get("dimensions")
         if dims is not None:
             if dims <= 0:
