@@ -36,7 +36,6 @@ async def test_embed_returns_input_order_float32_matrix(primary: LlamaCppProcess
     out = await a.embed(texts)
     assert out.vectors.dtype == np.float32 and out.vectors.shape == (5, 384)
     assert cosines(out.vectors, direct_embeddings(primary.url, texts)).min() > 0.999999
-    assert out.prompt_tokens is not None and out.prompt_tokens > 5
     await a.aclose()
 
 
