@@ -77,11 +77,16 @@ def test_two_workers_one_control_plane(tmp_path: Path, tei_factory: TeiFactory) 
         view = fresh(gw.url, "/v1/backends").json()
         assert view["workers"] == 2 and len({p["pid"] for p in view["worker_processes"]}) == 2
 
-        def served_60() -> bool:
+        def calls_add_up() -> bool:  # backend calls (concurrent requests may share one: coalescing)
             data = fresh(gw.url, "/v1/backends").json()["data"]
-            return sum(b["requests"] for b in data) == 60
+            metrics = fresh(gw.url, "/metrics").text
+            calls = sum(
+                counter(metrics, "embedding_gateway_backend_calls_total", backend=b, outcome="ok")
+                for b in ("primary", "spare")
+            )
+            return 0 < sum(b["requests"] for b in data) == calls <= 60
 
-        wait_until(served_60, timeout=5)  # the workers report their figures every second
+        wait_until(calls_add_up, timeout=5)  # the workers report their figures every second
 
         # The primary fails its health checks: the control plane takes it out of every worker's routing.
         primary.faults_hit_probes = True
@@ -94,7 +99,7 @@ def test_two_workers_one_control_plane(tmp_path: Path, tei_factory: TeiFactory) 
         assert {r.status_code for r in served} == {200}
         assert {r.headers["x-embedding-backend"] for r in served} == {"spare"}
         assert client_calls(primary) == before  # no worker even tried it
-        assert client_calls(spare) >= 40
+        assert client_calls(spare) > 0
 
 
 def _children(pid: int) -> list[int]:
