@@ -73,18 +73,20 @@ def test_a_client_that_leaves_takes_its_texts_out_of_the_call_not_yet_sent(tei_f
     url, server = tei_factory()
     with run_gateway(settings_for([tei(url)], model(coalesce_ms=400))) as gw:
         wait_until(lambda: backend_view(gw)["coalescing"] == "on", timeout=30)
-        server.inject(Fault("latency", seconds=1.0))  # the first call stays in flight: the next ones wait
+        server.inject(Fault("latency", seconds=1.0, times=2))  # two calls in flight (the slots): the next ones wait
 
         async def scenario() -> tuple[httpx.Response, httpx.Response]:
             async with httpx.AsyncClient(timeout=30) as c:
                 body: Callable[[str], dict[str, Any]] = lambda t: {"model": "minilm", "input": t}  # noqa: E731
                 first = asyncio.ensure_future(c.post(f"{gw.url}/v1/embeddings", json=body("first one in")))
+                second = asyncio.ensure_future(c.post(f"{gw.url}/v1/embeddings", json=body("second one in")))
                 await asyncio.sleep(0.2)
                 async with httpx.AsyncClient(timeout=30) as leaver:
                     gone = asyncio.ensure_future(leaver.post(f"{gw.url}/v1/embeddings", json=body("the one who left")))
                     stays = asyncio.ensure_future(c.post(f"{gw.url}/v1/embeddings", json=body("the one who stayed")))
                     await asyncio.sleep(0.1)
                     gone.cancel()  # the client disconnects inside the window
+                await second
                 return await first, await stays
 
         before = len(server.received)
