@@ -55,10 +55,7 @@ class Coalescer:
         limit: Callable[[str], int],
         can_merge: Callable[[str], bool],
         metrics: Metrics,
-        parallel: Callable[[str], int] = lambda _model: 2,
     ) -> None:
-        self._parallel = parallel  # calls of one key at the backends at once before requests wait to merge
-        self._freed: dict[tuple[str, str | None], asyncio.Event] = {}  # a call of the key completed
         self._call = call
         self._can_merge = can_merge  # a backend in service takes merged calls (its vectors batch-invariant)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -78,8 +75,8 @@ class Coalescer:
         if not self.enabled(model) or not self._can_merge(model) or len(texts) >= (limit := self._limit(model)):
             return await self._alone(key, model, texts, prompt, deadline, longest)
         batch = self._open.get(key)
-        if batch is None and self._in_flight.get(key, 0) < self._parallel(model):
-            return await self._alone(key, model, texts, prompt, deadline, longest)  # a call slot is free: go
+        if batch is None and not self._in_flight.get(key):
+            return await self._alone(key, model, texts, prompt, deadline, longest)  # nothing to wait for
         if batch is None or batch.texts + len(texts) > limit:
             batch = self._open[key] = _Batch()
             task = asyncio.get_running_loop().create_task(self._flush_later(key, model, prompt, batch))
@@ -112,36 +109,12 @@ class Coalescer:
         try:
             return await self._call(model, texts, prompt, deadline, longest, False)
         finally:
-            self._done(key)
-
-    def _done(self, key: tuple[str, str | None]) -> None:
-        self._in_flight[key] -= 1
-        if (freed := self._freed.get(key)) is not None:
-            freed.set()
-
-    async def _hold(self, key: tuple[str, str | None], model: str, batch: _Batch) -> None:
-        """While the key's call slots are all busy, the batch keeps taking requests: it goes when a call
-        completes, when it is full, or when half the time left to its most urgent request has passed."""
-        loop = asyncio.get_running_loop()
-        waiting = [w for w in batch.waiters if not w.future.done()]
-        if not waiting:
-            return
-        until = loop.time() + min(w.deadline.remaining() for w in waiting) / 2
-        freed = self._freed.setdefault(key, asyncio.Event())
-        while not batch.full.is_set() and self._in_flight.get(key, 0) >= self._parallel(model):
-            left = until - loop.time()
-            if left <= 0:
-                return
-            freed.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(left, 0.05)):  # and look at `full` now and then
-                    await freed.wait()
+            self._in_flight[key] -= 1
 
     async def _flush_later(self, key: tuple[str, str | None], model: str, prompt: Prompt, batch: _Batch) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._windows[model]):
                 await batch.full.wait()
-        await self._hold(key, model, batch)
         if self._open.get(key) is batch:
             del self._open[key]
         waiting = [w for w in batch.waiters if not w.future.done()]  # a client that left takes its texts out
@@ -166,7 +139,7 @@ class Coalescer:
             await asyncio.gather(*(self._settle_alone(key, model, w, prompt) for w in waiting))
             return
         finally:
-            self._done(key)
+            self._in_flight[key] -= 1
         for backend in routed.backends:
             self._metrics.coalesced_requests.labels(backend).inc(len(waiting))
         start = 0

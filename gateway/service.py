@@ -56,13 +56,7 @@ class EmbeddingService:
         self.profiles = profiles
         windows = {m: ms / 1000 for m, ms in (coalesce_ms or {}).items()}
         self.coalescer = Coalescer(
-            router.embed,
-            windows,
-            router.merge_limit,
-            lambda m: bool(router.mergeable(m)),
-            router.metrics,
-            # Two calls per backend at once: one computing, one on its way; the rest merge meanwhile.
-            lambda m: 2 * max(1, len(router.mergeable(m))),
+            router.embed, windows, router.merge_limit, lambda m: bool(router.mergeable(m)), router.metrics
         )
         self.auditor = auditor
         self._observe = observe  # a sampled request's texts for the agreement checks (never logged)

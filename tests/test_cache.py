@@ -71,7 +71,8 @@ def test_hit_partial_miss_only_misses_reach_the_backend(tei_factory: TeiFactory)
         assert mixed.headers["x-embedding-cache"] == "partial" and texts_sent(tei)[2:] == ["gamma"]
         uncached = post(gw.url, ["beta", "gamma", "alpha"], {"cache-control": "no-store"})
         assert "x-embedding-cache" not in uncached.headers
-        assert np.allclose(vectors(mixed), vectors(uncached), atol=1e-6)  # input order kept
+        # Input order kept (llama.cpp's numbers move ~1e-5 with what else it batches; other texts differ by far more).
+        assert np.allclose(vectors(mixed), vectors(uncached), atol=1e-4)
         before = len(texts_sent(tei))
         hit = post(gw.url, ["gamma", "alpha", "beta"])
         assert hit.headers["x-embedding-cache"] == "hit" and hit.headers["x-embedding-backend"] == "cache"
