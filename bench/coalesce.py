@@ -157,13 +157,16 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--peers", action="store_true", help="also real vLLM and Infinity (make peers)")
-    ap.add_argument("--skip-llama", action="store_true")
+    ap.add_argument("--skip-llama", action="store_true", help="no llama.cpp comparison (the calls phase still runs)")
+    ap.add_argument("--skip-calls", action="store_true", help="no calls-per-request phase")
+    ap.add_argument("--peer", choices=["vllm", "infinity"], action="append", help="only these peers (with --peers)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         llama = minilm_llama(work)
         try:
-            calls_phase(work, llama.url, args)
+            if not args.skip_calls:
+                calls_phase(work, llama.url, args)
             if not args.skip_llama:
                 port = free_port()
                 with cli_gateway(work, config(port, "llamacpp", llama.url, 2), port) as (gw, _):
@@ -178,6 +181,8 @@ def main() -> None:
                 ("vLLM", lambda: start_vllm(work, served_name="minilm"), "vllm", "minilm"),
                 ("Infinity", lambda: start_infinity(work), "infinity", None),
             ):
+                if args.peer and kind not in args.peer:
+                    continue
                 peer = start()
                 try:
                     model = served
