@@ -176,7 +176,7 @@ class ModelConfig(BaseModel):
 
     aliases: list[AliasConfig] = Field(default_factory=list, description="other names for this model")
     coalesce_ms: float = Field(
-        2.0,
+        0.0,
         ge=0,
         le=1000,
         description="concurrent requests for this model and prompt arriving within this window share one backend "

@@ -98,34 +98,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._disarm()
         super().connection_lost(exc)
 
-    # -- graceful shutdown: drain kept-alive connections instead of cutting them ------------------------
-    # uvicorn closes an idle kept-alive connection the moment shutdown starts; a client that sent its next
-    # request at that moment (a rolling restart under load) gets a reset. Instead an idle connection stays
-    # open for a short drain: a request that arrives is answered with `Connection: close` (the client
-    # reconnects, to a worker that serves), and the connection closes once idle after the drain.
-    drain_s: float = 0.5
-    _draining: bool = False
-
-    def shutdown(self) -> None:
-        self._draining = True
-        if self.cycle is None or self.cycle.response_complete:
-            self.loop.call_later(self.drain_s, self._close_when_idle)
-        else:
-            self.cycle.keep_alive = False
-
-    def _close_when_idle(self) -> None:
-        if self.transport.is_closing():
-            return
-        if self.cycle is None or self.cycle.response_complete:
-            self.transport.close()
-        else:
-            self.cycle.keep_alive = False
-
-    def on_headers_complete(self) -> None:
-        super().on_headers_complete()
-        if self._draining and self.cycle is not None:
-            self.cycle.keep_alive = False  # answered, then closed: the client's next request goes elsewhere
-
 
 def protocol_for(server: ServerSettings, fd_limit: int) -> type[GuardedHttpProtocol]:
     attrs: dict[str, Any] = {

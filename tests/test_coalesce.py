@@ -24,7 +24,7 @@ def tei(url: str, **kw: Any) -> dict[str, Any]:
 
 
 def model(**kw: Any) -> list[dict[str, Any]]:
-    return [{"name": "minilm", "profile": "all-minilm-l6-v2", "audit_sample": 0, **kw}]
+    return [{"name": "minilm", "profile": "all-minilm-l6-v2", "audit_sample": 0, "coalesce_ms": 2, **kw}]
 
 
 def backend_view(gw: RunningGateway) -> dict[str, Any]:
