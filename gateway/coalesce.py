@@ -71,8 +71,10 @@ class Coalescer:
     async def embed(
         self, model: str, texts: list[str], prompt: Prompt, deadline: Deadline, longest: int | None
     ) -> Routed:
+        if not self.enabled(model):  # the default: straight to the router, nothing counted
+            return await self._call(model, texts, prompt, deadline, longest, False)
         key = (model, prompt.name or prompt.prefix)
-        if not self.enabled(model) or not self._can_merge(model) or len(texts) >= (limit := self._limit(model)):
+        if not self._can_merge(model) or len(texts) >= (limit := self._limit(model)):
             return await self._alone(key, model, texts, prompt, deadline, longest)
         batch = self._open.get(key)
         if batch is None and not self._in_flight.get(key):
@@ -131,8 +133,6 @@ class Coalescer:
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
         try:
             routed = await self._call(model, texts, prompt, deadline, longest, True)
-        except asyncio.CancelledError:
-            raise
         except Exception:
             # One request's problem (an input a backend refuses, a deadline) must not fail the others: each
             # is sent on its own, with its own deadline.

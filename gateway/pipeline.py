@@ -9,16 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
 from config.profiles import ModelProfile
 from gateway.errors import InvalidRequest
-
-# How vectors go out: float numbers, base64 of float32, or quantized (gateway/api/quantize.py).
-Encoding = Literal["float", "base64", "int8", "uint8", "binary", "ubinary"]
-ENCODINGS: tuple[str, ...] = ("float", "base64", "int8", "uint8", "binary", "ubinary")
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +24,7 @@ class EmbedRequest:
     texts: list[str]
     prompt_name: str | None = None
     dimensions: int | None = None
-    encoding: str = "float"  # one of ENCODINGS
+    encoding: str = "float"  # how vectors go out: gateway/api/quantize.py TYPES (or a dialect's own shape)
     cache: str = "use"  # use | refresh (cache-control: no-cache) | off (no-store)
     truncate: str | None = None  # none | right | left; None: the model's `truncate` setting
     intent: tuple[str, str] | None = None  # (field, value): Jina `task`, Cohere/Voyage `input_type`

@@ -16,13 +16,12 @@ import msgspec
 import orjson
 
 from gateway.api.inputs import decode_body, parse_texts
-from gateway.api.quantize import rows
+from gateway.api.quantize import TYPES, rows
 from gateway.errors import InvalidRequest
 from gateway.pipeline import EmbedRequest
 from gateway.runtime import Runtime
 from gateway.service import EmbedResult
 
-TYPES = ("float", "int8", "uint8", "binary", "ubinary", "base64")
 _TRUNCATE = {"NONE": "none", "START": "left", "END": "right"}
 
 

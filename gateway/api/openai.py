@@ -12,7 +12,7 @@ import orjson
 
 from gateway.api import jina
 from gateway.api.inputs import decode_body, parse_texts, truncation
-from gateway.api.quantize import rows
+from gateway.api.quantize import TYPES, rows
 from gateway.errors import InvalidRequest
 from gateway.pipeline import EmbedRequest
 from gateway.runtime import Runtime
@@ -42,7 +42,6 @@ class OpenAIEmbeddingRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 _FLOATS = ("float", "base64")
-_TYPES = ("float", "base64", "int8", "uint8", "binary", "ubinary")
 
 
 def _encoding(req: OpenAIEmbeddingRequest) -> str:
@@ -56,7 +55,7 @@ def _encoding(req: OpenAIEmbeddingRequest) -> str:
         )
         if value is not None
     }
-    allowed = {"encoding_format": _FLOATS, "embedding_type": jina.EMBEDDING_TYPES, "output_dtype": _TYPES}
+    allowed = {"encoding_format": _FLOATS, "embedding_type": jina.EMBEDDING_TYPES, "output_dtype": TYPES}
     for name, value in asked.items():
         if value not in allowed[name]:
             raise InvalidRequest(f"{name} {value!r} is not supported; use one of {list(allowed[name])}", param=name)

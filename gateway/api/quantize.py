@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 _RANGE = 4.0  # standard deviations each side that int8/uint8 cover
+TYPES = ("float", "base64", "int8", "uint8", "binary", "ubinary")  # every output type a client may ask for
 
 
 def quantize(vectors: np.ndarray, kind: str) -> np.ndarray:
