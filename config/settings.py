@@ -176,11 +176,12 @@ class ModelConfig(BaseModel):
 
     aliases: list[AliasConfig] = Field(default_factory=list, description="other names for this model")
     coalesce_ms: float = Field(
-        0.0,
+        2.0,
         ge=0,
         le=1000,
-        description="concurrent requests for this model and prompt arriving within this window share one backend "
-        "call (only on backends whose vectors do not depend on batch composition); 0 turns it off",
+        description="concurrent requests for this model and prompt arriving within this window, or while the "
+        "backend's slots are all busy, share one backend call (only on backends whose vectors do not depend on "
+        "batch composition); 0 turns it off",
     )
     tasks: dict[str, str] | None = None
 

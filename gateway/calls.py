@@ -32,6 +32,7 @@ from backends.errors import (
     InputRejected,
     PayloadTooLarge,
 )
+from gateway.coalesce import Coalescing, MergeHint
 from gateway.errors import DeadlineExceeded
 from gateway.metrics import Metrics
 from gateway.resilience.breaker import CircuitState
@@ -55,7 +56,7 @@ class CallPolicy:
     capacity: CapacityPolicy = field(default_factory=CapacityPolicy)
 
 
-class _Waiters:
+class Waiters:
     """Whether anyone still waits for a call: one that times out after everybody left is abandoned work,
     not a backend failure."""
 
@@ -98,6 +99,7 @@ class BackendCalls:
         self._dimensions = dimensions
         self._metrics = metrics
         self.policy = policy or CallPolicy()
+        self.coalescing = Coalescing(self, metrics)
 
     def call_timeout(self, st: BackendState, n: int) -> float:
         """The backend's own time for `n` texts: a multiple of what such calls take it lately (slow is
@@ -122,17 +124,20 @@ class BackendCalls:
         permitted: bool = False,
         timeout_s: float | None = None,
         bulk: bool = False,
+        merge: MergeHint | None = None,
     ) -> Embeddings:
         """One call; `texts` already carry the prompt when the backend expects that.
 
         `bulk`: a sub-batch of a multi-sub-batch request (it queues in the bulk lane).
+        `merge`: the call may share a backend call with other requests' (coalescing), when the backend's
+        vectors do not depend on the batch.
 
         `permitted`: the breaker's permission was taken by the caller (the router's attempt plan);
         every way out of here that is not a verdict on the backend gives it back.
         """
         verdict = False
         try:
-            out = await self._admitted(st, texts, prompt_name, deadline, purpose, timeout_s, bulk)
+            out = await self._admitted(st, texts, prompt_name, deadline, purpose, timeout_s, bulk, merge)
             verdict = True
             return out
         except BackendError as exc:
@@ -151,39 +156,46 @@ class BackendCalls:
         purpose: Purpose,
         timeout_s: float | None,
         bulk: bool = False,
+        merge: MergeHint | None = None,
     ) -> Embeddings:
         name = st.backend.name
-        own = timeout_s if timeout_s is not None else self.call_timeout(st, len(texts))
         if purpose is Purpose.HEALTH:
-            return await self._timed(st, texts, prompt_name, min(own, deadline.remaining()), purpose, _Waiters())
+            own = timeout_s if timeout_s is not None else self.call_timeout(st, len(texts))
+            return await self._timed(st, texts, prompt_name, min(own, deadline.remaining()), purpose, Waiters())
         if self.too_late(st, deadline):
             raise DeadlineExceeded(f"the request's deadline left too little time to call backend {name!r}")
+        if (
+            merge is not None
+            and purpose is Purpose.REQUEST
+            and not bulk
+            and timeout_s is None
+            and st.batch_invariant
+            and len(texts) < merge.limit
+        ):
+            return await self.coalescing.embed(st, texts, prompt_name, deadline, merge)
+        return await self.alone(st, texts, prompt_name, deadline, purpose, timeout_s, bulk)
+
+    async def alone(
+        self,
+        st: BackendState,
+        texts: Sequence[str],
+        prompt_name: str | None,
+        deadline: Deadline,
+        purpose: Purpose = Purpose.REQUEST,
+        timeout_s: float | None = None,
+        bulk: bool = False,
+    ) -> Embeddings:
+        """One call of these texts only: queue for a slot, call, wait within the request's deadline."""
+        name = st.backend.name
+        own = timeout_s if timeout_s is not None else self.call_timeout(st, len(texts))
         queued_at = time.perf_counter()
-        units = len(texts) + 1
-        st.queued_units += units
-        try:
-            # Agreement checks and shadows are background work: they wait behind client traffic.
-            await st.admission.acquire(deadline.remaining(), bulk=bulk or purpose is not Purpose.REQUEST)
-        except TimeoutError:
-            self._metrics.admission_timeouts.labels(name).inc()
-            raise DeadlineExceeded(
-                f"the request's deadline passed while waiting for backend {name!r} "
-                f"({st.admission.limit} calls at a time)"
-            ) from None
-        finally:
-            st.queued_units -= units
+        # Agreement checks and shadows are background work: they wait behind client traffic.
+        await self.queue(st, len(texts) + 1, deadline, bulk=bulk or purpose is not Purpose.REQUEST)
         self._metrics.admission_waited(name, time.perf_counter() - queued_at)
         if self.too_late(st, deadline):
             st.admission.release()
             raise DeadlineExceeded(f"the request's deadline passed while waiting for backend {name!r}")
-        # The call runs as its own task and frees its slot when the backend answers. A caller that
-        # stops waiting (client gone, request deadline) leaves it running: backends such as llama.cpp
-        # finish abandoned work anyway, so the slot stays taken until they have - the next calls queue
-        # here instead of piling onto a backend still busy with work nobody wants - and the backend
-        # is judged only on its own timeout, never on the client's.
-        waiters = _Waiters()
-        call = asyncio.ensure_future(self._timed(st, texts, prompt_name, own, purpose, waiters))
-        call.add_done_callback(lambda task: _settle(task, st))
+        call, waiters = self.start(st, texts, prompt_name, own, purpose)
         remaining = deadline.remaining()
         try:
             if remaining >= own:  # the call's own timeout comes first: no second timer (hot path)
@@ -200,6 +212,40 @@ class BackendCalls:
                 waiters.left = True  # the client or its deadline went: whatever the call does now is nobody's
             raise
 
+    async def queue(self, st: BackendState, units: int, deadline: Deadline | None, *, bulk: bool = False) -> None:
+        """Wait for one of the backend's slots, `units` of work counted as queued meanwhile (the router's shed
+        logic reads them); `deadline` None: until cancelled."""
+        name = st.backend.name
+        st.queued_units += units
+        try:
+            await st.admission.acquire(deadline.remaining() if deadline else None, bulk=bulk)
+        except TimeoutError:
+            self._metrics.admission_timeouts.labels(name).inc()
+            raise DeadlineExceeded(
+                f"the request's deadline passed while waiting for backend {name!r} "
+                f"({st.admission.limit} calls at a time)"
+            ) from None
+        finally:
+            st.queued_units -= units
+
+    def start(
+        self,
+        st: BackendState,
+        texts: Sequence[str],
+        prompt_name: str | None,
+        own: float,
+        purpose: Purpose = Purpose.REQUEST,
+    ) -> tuple[asyncio.Future[Embeddings], Waiters]:
+        """Send a call on the slot just taken. It runs as its own task and frees the slot when the backend
+        answers. A caller that stops waiting (client gone, request deadline) leaves it running: backends
+        such as llama.cpp finish abandoned work anyway, so the slot stays taken until they have - the next
+        calls queue here instead of piling onto a backend still busy with work nobody wants - and the
+        backend is judged only on its own timeout, never on the client's."""
+        waiters = Waiters()
+        call = asyncio.ensure_future(self._timed(st, texts, prompt_name, own, purpose, waiters))
+        call.add_done_callback(lambda task: _settle(task, st))
+        return call, waiters
+
     async def _timed(
         self,
         st: BackendState,
@@ -207,7 +253,7 @@ class BackendCalls:
         prompt_name: str | None,
         own: float,
         purpose: Purpose,
-        waiters: _Waiters,
+        waiters: Waiters,
     ) -> Embeddings:
         """The backend call itself, bounded by the backend's own timeout; the outcome is recorded."""
         backend = st.backend

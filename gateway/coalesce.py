@@ -1,162 +1,211 @@
-"""Coalescing: concurrent requests for one model and prompt share one backend call.
+"""Coalescing: concurrent requests to one backend with one prompt share one backend call.
 
 Most traffic is one text per request, and most embedding servers pay a fixed cost per call (vLLM and
 Infinity embed 2-2.8x more texts per second in batches of 16 than one by one; hosted services count
-requests). A request that finds no other call of its model and prompt in flight goes at once (no added
-latency at low load); one that arrives while others are in flight waits up to `coalesce_ms` for more and
-goes with them in one call, up to the batch limit. The vectors are split back to each request in order.
+requests). The merging happens at the backend's admission queue, where requests wait anyway:
 
-Each request keeps its own deadline (it stops waiting when its deadline passes; the merged call runs on
-the latest deadline among the requests still waiting), its cancellation (a client that left before the
-call was sent takes its texts out), and its errors: a merged call that fails is retried request by request,
-so one request's bad input never fails another's. Only backends whose vectors do not depend on batch
-composition take merged calls (the agreement checker measures it: `BackendState.batch_invariant`).
+- a request that finds a free slot and no other call of its prompt in flight at the backend goes at once
+  (no added latency at low load);
+- one that arrives while such a call is in flight, or while every slot is busy, joins the key's open group:
+  the group waits up to the model's `coalesce_ms` for more (or until full, at the backend's batch limit)
+  when a slot is free, and otherwise queues for the next slot like any call, taking in arrivals until it
+  gets one. Then it goes as one call and the vectors are split back to each request in order.
+
+The group's texts count as queued work (the router's shed logic and balancer see them) and each request
+keeps its own deadline, its cancellation (a client that left before the call was sent takes its texts out;
+when everybody left, the group leaves the queue) and its errors: a merged call that fails on an input (the
+backend refused one, or the batch was too large) is retried request by request, so one request's bad input
+never fails another's; a failure of the backend itself reaches every request, whose router tries the next
+backend. Only backends whose vectors do not depend on batch composition take merged calls (the agreement
+checker measures it: `BackendState.batch_invariant`). The key is the prompt *name*: texts reach this point
+with their prompt applied unless the backend applies a named one, so texts of different prompts mix freely.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from backends.base import Embeddings
+from backends.errors import BackendError, InputRejected, PayloadTooLarge
 from gateway.errors import DeadlineExceeded
 from gateway.metrics import Metrics
-from gateway.pipeline import Prompt
 from gateway.resilience.deadline import Deadline
-from gateway.router import Routed
+from gateway.state import BackendState
 
-# (model, texts, prompt, deadline, longest tokens, coalesced) -> vectors in order and the backends used
-Call = Callable[[str, list[str], Prompt, Deadline, int | None, bool], Awaitable[Routed]]
+if TYPE_CHECKING:
+    from gateway.calls import BackendCalls, Waiters
 
 
-@dataclass(eq=False)
-class _Waiter:
-    texts: list[str]
+@dataclass(frozen=True, slots=True)
+class MergeHint:
+    window_s: float  # how long a group waits for more while a slot is free
+    limit: int  # most texts in one merged call (the backend's batch limit)
+
+
+class _Alone(Exception):
+    """The merged call failed on an input: the request goes again by itself."""
+
+
+@dataclass(eq=False, slots=True)
+class _Member:
+    texts: Sequence[str]
     deadline: Deadline
-    longest: int | None
-    future: asyncio.Future[Routed]
+    future: asyncio.Future[np.ndarray]
+    queued: bool = True  # its texts count in the backend's queued work
 
 
 @dataclass(eq=False)
-class _Batch:
-    waiters: list[_Waiter] = field(default_factory=list)
+class _Group:
+    members: list[_Member] = field(default_factory=list)
     texts: int = 0
     full: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    waiters: Waiters | None = None  # set when sent
+
+    def live(self) -> list[_Member]:
+        return [m for m in self.members if not m.future.done()]
 
 
-class Coalescer:
-    def __init__(
-        self,
-        call: Call,
-        windows_s: dict[str, float],
-        limit: Callable[[str], int],
-        can_merge: Callable[[str], bool],
-        metrics: Metrics,
-    ) -> None:
-        self._call = call
-        self._can_merge = can_merge  # a backend in service takes merged calls (its vectors batch-invariant)
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._windows = {m: w for m, w in windows_s.items() if w > 0}
-        self._limit = limit  # texts per merged call for a model (its backends' batch limit)
+_Key = tuple[str, str | None]  # (backend, prompt name)
+
+
+class Coalescing:
+    def __init__(self, calls: BackendCalls, metrics: Metrics) -> None:
+        self._calls = calls
         self._metrics = metrics
-        self._open: dict[tuple[str, str | None], _Batch] = {}  # the batch still taking requests, per key
-        self._in_flight: dict[tuple[str, str | None], int] = {}  # calls of the key at the backends now
-
-    def enabled(self, model: str) -> bool:
-        return model in self._windows
+        self._open: dict[_Key, _Group] = {}  # the group still taking requests, per key
+        self._in_flight: dict[_Key, int] = {}  # calls of the key at the backend now
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def embed(
-        self, model: str, texts: list[str], prompt: Prompt, deadline: Deadline, longest: int | None
-    ) -> Routed:
-        if not self.enabled(model):  # the default: straight to the router, nothing counted
-            return await self._call(model, texts, prompt, deadline, longest, False)
-        key = (model, prompt.name or prompt.prefix)
-        if not self._can_merge(model) or len(texts) >= (limit := self._limit(model)):
-            return await self._alone(key, model, texts, prompt, deadline, longest)
-        batch = self._open.get(key)
-        if batch is None and not self._in_flight.get(key):
-            return await self._alone(key, model, texts, prompt, deadline, longest)  # nothing to wait for
-        if batch is None or batch.texts + len(texts) > limit:
-            batch = self._open[key] = _Batch()
-            task = asyncio.get_running_loop().create_task(self._flush_later(key, model, prompt, batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        waiter = _Waiter(texts, deadline, longest, asyncio.get_running_loop().create_future())
-        batch.waiters.append(waiter)
-        batch.texts += len(texts)
-        if batch.texts >= limit:
-            batch.full.set()
+        self, st: BackendState, texts: Sequence[str], prompt_name: str | None, deadline: Deadline, merge: MergeHint
+    ) -> Embeddings:
+        key = (st.backend.name, prompt_name)
+        group = self._open.get(key)
+        if group is None or group.texts + len(texts) > merge.limit:
+            if group is None and not self._in_flight.get(key) and not _busy(st):
+                return await self._alone(key, st, texts, prompt_name, deadline)  # nothing to wait for
+            group = self._open[key] = _Group()
+            group.task = asyncio.get_running_loop().create_task(self._run(key, st, prompt_name, group, merge))
+            self._tasks.add(group.task)
+            group.task.add_done_callback(self._tasks.discard)
+        member = _Member(texts, deadline, asyncio.get_running_loop().create_future())
+        group.members.append(member)
+        group.texts += len(texts)
+        st.queued_units += len(texts) + 1
+        if group.texts >= merge.limit:
+            group.full.set()
         try:
             async with asyncio.timeout(max(0.0, deadline.remaining())):
-                return await asyncio.shield(waiter.future)
+                rows = await asyncio.shield(member.future)
         except TimeoutError:
-            raise DeadlineExceeded(f"the request's deadline passed while model {model!r} was called") from None
+            raise self._late(st, group) from None
+        except _Alone:
+            return await self._alone(key, st, texts, prompt_name, deadline)
         finally:
-            if not waiter.future.done():
-                waiter.future.cancel()  # not sent yet: its texts stay out; sent: nobody waits for them
+            if not member.future.done():
+                member.future.cancel()
+                self._left(st, group, member)
+        return Embeddings(rows)
 
     async def _alone(
-        self,
-        key: tuple[str, str | None],
-        model: str,
-        texts: list[str],
-        prompt: Prompt,
-        deadline: Deadline,
-        longest: int | None,
-    ) -> Routed:
+        self, key: _Key, st: BackendState, texts: Sequence[str], prompt_name: str | None, deadline: Deadline
+    ) -> Embeddings:
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
         try:
-            return await self._call(model, texts, prompt, deadline, longest, False)
+            return await self._calls.alone(st, texts, prompt_name, deadline)
         finally:
             self._in_flight[key] -= 1
 
-    async def _flush_later(self, key: tuple[str, str | None], model: str, prompt: Prompt, batch: _Batch) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self._windows[model]):
-                await batch.full.wait()
-        if self._open.get(key) is batch:
-            del self._open[key]
-        waiting = [w for w in batch.waiters if not w.future.done()]  # a client that left takes its texts out
-        if not waiting:
+    def _late(self, st: BackendState, group: _Group) -> DeadlineExceeded:
+        name = st.backend.name
+        if group.waiters is None:
+            self._metrics.admission_timeouts.labels(name).inc()
+            return DeadlineExceeded(
+                f"the request's deadline passed while waiting for backend {name!r} "
+                f"({st.admission.limit} calls at a time)"
+            )
+        return DeadlineExceeded(f"no answer from backend {name!r} within the request's deadline")
+
+    def _left(self, st: BackendState, group: _Group, member: _Member) -> None:
+        """A request stopped waiting (deadline, client gone): its texts leave a group not yet sent; a group
+        everybody left leaves the queue, and a sent call nobody waits for is abandoned work."""
+        _unqueue(st, member)
+        if group.live():
             return
-        if len(waiting) == 1:
-            w = waiting[0]
-            await self._settle_alone(key, model, w, prompt)
+        if group.waiters is not None:
+            group.waiters.left = True
+        elif group.task is not None:
+            group.task.cancel()
+
+    async def _run(self, key: _Key, st: BackendState, prompt_name: str | None, group: _Group, merge: MergeHint) -> None:
+        queued_at = time.perf_counter()
+        try:
+            if not _busy(st):  # a slot is free: wait a little for company (the queue is wait enough otherwise)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(merge.window_s):
+                        await group.full.wait()
+            await self._calls.queue(st, 0, None)  # the members' texts are counted as queued already
+        except BaseException:  # everybody left (cancelled)
+            self._close(key, st, group)
+            raise
+        self._close(key, st, group)
+        self._metrics.admission_waited(st.backend.name, time.perf_counter() - queued_at)
+        for m in group.live():
+            if self._calls.too_late(st, m.deadline):
+                m.future.set_exception(
+                    DeadlineExceeded(f"the request's deadline passed while waiting for backend {st.backend.name!r}")
+                )
+        live = group.live()
+        if not live:
+            st.admission.release()
             return
-        texts = [t for w in waiting for t in w.texts]
-        deadline = max((w.deadline for w in waiting), key=lambda d: d.remaining())
-        longest = max((w.longest for w in waiting if w.longest is not None), default=None)
-        self._metrics.batch_texts.observe(len(texts))
+        texts = [t for m in live for t in m.texts]
+        own = self._calls.call_timeout(st, len(texts))
+        call, group.waiters = self._calls.start(st, texts, prompt_name, own)
+        if len(live) > 1:
+            self._metrics.batch_texts.observe(len(texts))
+            self._metrics.coalesced_requests.labels(st.backend.name).inc(len(live))
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
         try:
-            routed = await self._call(model, texts, prompt, deadline, longest, True)
-        except Exception:
-            # One request's problem (an input a backend refuses, a deadline) must not fail the others: each
-            # is sent on its own, with its own deadline.
-            await asyncio.gather(*(self._settle_alone(key, model, w, prompt) for w in waiting))
+            out = await asyncio.shield(call)
+        except BackendError as exc:
+            # An input's problem is retried request by request (one bad input fails only its request); the
+            # backend's own failure is every request's, and each router tries its next backend.
+            alone = len(live) > 1 and isinstance(exc, InputRejected | PayloadTooLarge)
+            for m in live:
+                if not m.future.done():
+                    m.future.set_exception(_Alone() if alone else exc)
             return
         finally:
             self._in_flight[key] -= 1
-        for backend in routed.backends:
-            self._metrics.coalesced_requests.labels(backend).inc(len(waiting))
         start = 0
-        for w in waiting:
-            end = start + len(w.texts)
-            if not w.future.done():
-                w.future.set_result(Routed(np.ascontiguousarray(routed.vectors[start:end]), routed.backends))
+        for m in live:
+            end = start + len(m.texts)
+            if not m.future.done():
+                m.future.set_result(np.ascontiguousarray(out.vectors[start:end]))
             start = end
 
-    async def _settle_alone(self, key: tuple[str, str | None], model: str, w: _Waiter, prompt: Prompt) -> None:
-        if w.future.done():
-            return
-        try:
-            routed = await self._alone(key, model, w.texts, prompt, w.deadline, w.longest)
-        except Exception as exc:
-            if not w.future.done():
-                w.future.set_exception(exc)
-            return
-        if not w.future.done():
-            w.future.set_result(routed)
+    def _close(self, key: _Key, st: BackendState, group: _Group) -> None:
+        """The group takes nobody more: sent, or everybody left."""
+        if self._open.get(key) is group:
+            del self._open[key]
+        for m in group.members:
+            _unqueue(st, m)
+
+
+def _busy(st: BackendState) -> bool:
+    return st.admission.saturated or st.admission.queued > 0
+
+
+def _unqueue(st: BackendState, member: _Member) -> None:
+    if member.queued:
+        member.queued = False
+        st.queued_units -= len(member.texts) + 1

@@ -23,6 +23,7 @@ import numpy as np
 
 from backends.errors import BackendError, BackendUnavailable, InputRejected, InputTooLong, PayloadTooLarge
 from gateway.calls import BackendCalls
+from gateway.coalesce import MergeHint
 from gateway.consistency.scripts import scripts_in
 from gateway.errors import REDUCE_PHRASE, DeadlineExceeded, InputOverLimit, NoBackendAvailable, Overloaded
 from gateway.metrics import Metrics
@@ -76,6 +77,7 @@ class Router:
         calls: BackendCalls | None = None,
         rescue: Callable[[str, Deadline], Awaitable[bool]] | None = None,
         explain: Callable[[str], str | None] = lambda _model: None,
+        coalesce_s: dict[str, float] | None = None,
     ) -> None:
         self._by_model: dict[str, list[BackendState]] = {}
         for st in states:
@@ -89,6 +91,8 @@ class Router:
         # when the compatible set grew, so the request is tried again instead of failing.
         self._rescue = rescue
         self._explain = explain  # why a model has no compatible backend, when there is more to say
+        # Per model: how long a call waits for other requests' texts to share it (coalescing); absent: never.
+        self._coalesce_s = {m: s for m, s in (coalesce_s or {}).items() if s > 0}
 
     @property
     def metrics(self) -> Metrics:
@@ -108,33 +112,22 @@ class Router:
         prompt: Prompt = NO_PROMPT,
         deadline: Deadline | None = None,
         longest: int | None = None,
-        coalesced: bool = False,
     ) -> Routed:
         """Embed `texts` (without prompt) on the model's compatible backends; vectors in input order.
         `longest`: the most tokens of any input (the model's tokenizer counted them): only backends whose
-        declared input limit covers it are used - never one that would truncate or refuse it.
-        `coalesced`: several requests' texts in one call: only backends whose vectors do not depend on what
-        else is in the batch (none: NoBackendAvailable, and the coalescer sends each request alone)."""
+        declared input limit covers it are used - never one that would truncate or refuse it."""
         deadline = deadline or self.deadline()
         if self._gate is not None:
             await self._gate(model, deadline.remaining())
         try:
-            routed = await self._route(model, texts, prompt, deadline, longest, coalesced)
+            routed = await self._route(model, texts, prompt, deadline, longest)
         except NoBackendAvailable:
-            if coalesced or deadline.expired or self._rescue is None or not await self._rescue(model, deadline):
+            if deadline.expired or self._rescue is None or not await self._rescue(model, deadline):
                 raise
             log.info("model %s: a newly verified backend takes over the request", model)
             routed = await self._route(model, texts, prompt, deadline, longest)
         self._metrics.inputs_served(model, len(texts))  # texts served, not texts asked for
         return routed
-
-    def mergeable(self, model: str) -> list[BackendState]:
-        """The model's backends in service that take merged calls: measured batch-invariant."""
-        return [st for st in self.members(model) if st.batch_invariant]
-
-    def merge_limit(self, model: str) -> int:
-        """Most texts in one merged call: the batch limit of the backends that take them."""
-        return self._chunk_size(self.mergeable(model))
 
     async def _route(
         self,
@@ -143,11 +136,10 @@ class Router:
         prompt: Prompt,
         deadline: Deadline,
         longest: int | None = None,
-        coalesced: bool = False,
     ) -> Routed:
         if deadline.expired:
             raise DeadlineExceeded(f"the request's deadline passed before model {model!r} could be called")
-        members = self.mergeable(model) if coalesced else self.members(model)
+        members = self.members(model)
         if not members:
             reason = self._explain(model) or f"model {model!r} has no compatible backend in service"
             raise NoBackendAvailable(reason, retry_after=self.policy.retry_after_cap_s)
@@ -323,7 +315,10 @@ class Router:
         """One backend call through the guarded path, with the breaker's permission already taken."""
         backend = st.backend
         sent = texts if backend.applies_prompt else prompt.apply(texts)
-        out = await self.calls.embed(st, sent, prompt.name, deadline=deadline, permitted=True, bulk=_BULK.get())
+        bulk = _BULK.get()
+        window = None if bulk else self._coalesce_s.get(backend.model)
+        merge = MergeHint(window, self._chunk_size([st])) if window is not None else None
+        out = await self.calls.embed(st, sent, prompt.name, deadline=deadline, permitted=True, bulk=bulk, merge=merge)
         return _Part(out.vectors, [backend.name])
 
 

@@ -165,6 +165,7 @@ class Runtime:
             calls=calls,
             rescue=self.consistency.rescue,
             explain=self.consistency.unavailable_reason,
+            coalesce_s={m: ms / 1000 for m, ms in self.coalesce_ms.items()},
         )
         self.shadows = Shadows(self.states, calls, self.metrics)
         consistency = self.consistency
@@ -190,7 +191,6 @@ class Runtime:
             observe=consistency.observe_traffic,
             cache=self.cache,
             lengths={m.name: LengthPolicy(tokenizer_of(m), m.truncate) for m in self.settings.models},
-            coalesce_ms=self.coalesce_ms,
         )
         self.health = HealthMonitor(
             self.states,

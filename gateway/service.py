@@ -10,7 +10,6 @@ import numpy as np
 
 from config.profiles import ModelProfile
 from gateway.cache.store import EmbeddingCache, cache_key
-from gateway.coalesce import Coalescer
 from gateway.consistency.audit import Auditor
 from gateway.errors import REDUCE_PHRASE, InputOverLimit, ModelNotFound
 from gateway.pipeline import (
@@ -51,13 +50,8 @@ class EmbeddingService:
         lengths: dict[str, LengthPolicy] | None = None,
         auditor: Auditor | None = None,
         observe: Callable[[str, list[str]], None] = lambda _model, _texts: None,
-        coalesce_ms: dict[str, float] | None = None,
     ) -> None:
         self.profiles = profiles
-        windows = {m: ms / 1000 for m, ms in (coalesce_ms or {}).items()}
-        self.coalescer = Coalescer(
-            router.embed, windows, router.merge_limit, lambda m: bool(router.mergeable(m)), router.metrics
-        )
         self.auditor = auditor
         self._observe = observe  # a sampled request's texts for the agreement checks (never logged)
         self.lengths = lengths or {}
@@ -84,7 +78,7 @@ class EmbeddingService:
         space = self._space_of(req.model)
         cache = self.cache if self.cache is not None and self.cache.enabled and space is not None else None
         if cache is None or req.cache == "off":
-            routed = await self.coalescer.embed(req.model, req.texts, prompt, deadline, _longest(counts, None))
+            routed = await self.router.embed(req.model, req.texts, prompt, deadline, _longest(counts, None))
             unit = _full(routed.vectors, profile)
             backends, tokens, state = routed.backends, self._tokens(prompt, req.texts), None
             made = None  # every input
@@ -163,7 +157,7 @@ class EmbeddingService:
             matrix = np.stack(found)  # type: ignore[arg-type]
             return matrix, (), estimate_tokens(prompt.apply(req.texts)), "hit", []
         texts = [req.texts[i] for i in missing]
-        routed = await self.coalescer.embed(req.model, texts, prompt, deadline, _longest(counts, missing))
+        routed = await self.router.embed(req.model, texts, prompt, deadline, _longest(counts, missing))
         fresh = _full(routed.vectors, profile)
         await cache.put_many([keys[i] for i in missing], fresh, routed.backends)
         tokens = self._tokens(prompt, texts)

@@ -50,8 +50,9 @@ class Admission:
         while self.active < self.limit and self._grant_next(new_slot=True):
             pass
 
-    async def acquire(self, timeout_s: float, *, bulk: bool = False) -> None:
-        """Take a slot, waiting at most `timeout_s` (TimeoutError), first come first served per lane."""
+    async def acquire(self, timeout_s: float | None, *, bulk: bool = False) -> None:
+        """Take a slot, waiting at most `timeout_s` (TimeoutError; None: until cancelled), first come first
+        served per lane."""
         if self.active < self.limit and not self._small and not self._bulk:
             self.active += 1
             return
