@@ -129,3 +129,34 @@ def test_coalesce_ms_zero_turns_it_off(tei_factory: TeiFactory) -> None:
         time.sleep(0.5)
         assert backend_view(gw)["coalescing"] == "off"
         assert backend_view(gw)["coalescing_reason"] == "coalesce_ms = 0 for its model"
+
+
+def test_requests_queued_behind_busy_slots_go_in_one_call(tei_factory: TeiFactory, primary: LlamaCppProcess) -> None:
+    # Two slots (the backend says so), both busy with slow calls; ten requests arrive 30 ms apart, too far
+    # apart for a 2 ms window: the queue gathers them - they leave it together, in one call, when a slot frees.
+    url, server = tei_factory(max_concurrent_requests=2)
+    with run_gateway(settings_for([tei(url)], model())) as gw:
+        wait_until(lambda: backend_view(gw)["coalescing"] == "on", timeout=30)
+        server.inject(Fault("latency", seconds=1.0, times=2))
+
+        async def scenario() -> tuple[list[httpx.Response], list[httpx.Response]]:
+            async with httpx.AsyncClient(timeout=30) as c:
+                body: Callable[[str], dict[str, Any]] = lambda t: {"model": "minilm", "input": t}  # noqa: E731
+                slow = [
+                    asyncio.ensure_future(c.post(f"{gw.url}/v1/embeddings", json=body(f"slow {i}"))) for i in (1, 2)
+                ]
+                await asyncio.sleep(0.2)
+                queued = []
+                for t in texts:
+                    queued.append(asyncio.ensure_future(c.post(f"{gw.url}/v1/embeddings", json=body(t))))
+                    await asyncio.sleep(0.03)
+                return list(await asyncio.gather(*slow)), list(await asyncio.gather(*queued))
+
+        texts = [f"queued request {i} on the topic of rivers" for i in range(10)]
+        before = len(server.received)
+        slow, queued = asyncio.run(scenario())
+        assert all(r.status_code == 200 for r in slow + queued), [r.text for r in slow + queued]
+        got = np.asarray([r.json()["data"][0]["embedding"] for r in queued], dtype=np.float32)
+        assert cosines(got, direct_embeddings(primary.url, texts)).min() >= 0.9999
+        calls = [call for call in embed_calls(server, before) if not call[0].startswith("slow")]
+        assert len(calls) <= 2, calls  # one group (two if the first arrivals beat the rest to a slot)
