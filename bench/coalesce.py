@@ -8,15 +8,16 @@ Phases (each direct and through the gateway, alternated, `--rounds` times; the m
   clients, and 4 clients sending 16 texts each: texts/s through the gateway / texts/s direct, p50 and p99.
 
     .venv/bin/python bench/coalesce.py --duration 10 --peers
-The load generator (aiohttp, one task per client) runs in this process; on a 2-core box it takes CPU the
-backend and the gateway would otherwise use, alike for both sides of each ratio.
+The load comes from wrk (Debian's `wrk`: C, one thread, a Lua script making every text unique), out of
+process: on a 2-core box it still takes some CPU the backend and the gateway would otherwise use, alike for
+both sides of each ratio.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +25,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import aiohttp
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,45 +53,50 @@ url = "{url}"
 """
 
 
-async def load(
-    url: str, model: str | None, clients: int, per_request: int, seconds: float
-) -> tuple[float, float, float]:
-    """`url`: the embeddings endpoint itself."""
-    # (texts/s, p50 ms, p99 ms) of `clients` loops each posting `per_request` texts, for `seconds`.
-    latencies: list[float] = []
-    texts = 0
-    nonce = time.monotonic_ns()  # texts never repeat across phases (no backend-side cache helps either side)
-    end = time.monotonic() + seconds
-    connector = aiohttp.TCPConnector(limit=clients)
-    async with aiohttp.ClientSession(connector=connector) as session:
+WRK_SCRIPT = """
+local counter = 0
+local nonce = "%(nonce)s"
+local per = %(per)d
+local model = %(model)s
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  counter = counter + 1
+  local items = {}
+  for j = 1, per do
+    items[j] = string.format('"%%s asks question %%d.%%d about the sea"', nonce, counter, j)
+  end
+  local input = items[1]
+  if per > 1 then input = "[" .. table.concat(items, ",") .. "]" end
+  local body = '{"input":' .. input
+  if model then body = body .. ',"model":"' .. model .. '"' end
+  return wrk.format(nil, nil, nil, body .. "}")
+end
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT %%d %%d %%d %%f %%f\\n", summary.requests, summary.errors.status,
+    summary.duration, latency:percentile(50), latency:percentile(99)))
+end
+"""
 
-        async def client(k: int) -> None:
-            nonlocal texts
-            i = 0
-            while time.monotonic() < end:
-                batch = [f"{nonce} client {k} asks question {i}.{j} about the sea" for j in range(per_request)]
-                body: dict[str, object] = {"input": batch[0] if per_request == 1 else batch}
-                if model:
-                    body["model"] = model
-                started = time.perf_counter()
-                async with session.post(url, json=body) as r:
-                    await r.read()
-                    if r.status == 200:
-                        latencies.append((time.perf_counter() - started) * 1000)
-                        texts += per_request
-                i += 1
 
-        started = time.monotonic()
-        await asyncio.gather(*(client(k) for k in range(clients)))
-        elapsed = time.monotonic() - started
-    latencies.sort()
-    if not latencies:
-        return 0.0, 0.0, 0.0
-    return (
-        texts / elapsed,
-        latencies[len(latencies) // 2],
-        latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
-    )
+def load(url: str, model: str | None, clients: int, per_request: int, seconds: float) -> tuple[float, float, float]:
+    """(texts/s answered 200, p50 ms, p99 ms) of `clients` connections each posting `per_request` texts for
+    `seconds` to the embeddings endpoint `url`. The load comes from wrk (C, one thread, out of process), so
+    the measuring costs both sides little and alike; texts never repeat across phases."""
+    nonce = f"{time.monotonic_ns()}"
+    script = WRK_SCRIPT % {"nonce": nonce, "per": per_request, "model": f'"{model}"' if model else "nil"}
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(script)
+    try:
+        cmd = ["wrk", "-t1", f"-c{clients}", f"-d{seconds:g}s", "--timeout", "30s", "-s", f.name, url]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
+    finally:
+        Path(f.name).unlink()
+    line = next(line for line in out.splitlines() if line.startswith("RESULT "))
+    requests, failed, duration_us, p50_us, p99_us = (float(x) for x in line.split()[1:])
+    if failed:
+        print(f"  ({failed:.0f} of {requests:.0f} requests to {url} were not answered 200)", flush=True)
+    return (requests - failed) * per_request / (duration_us / 1e6), p50_us / 1000, p99_us / 1000
 
 
 def wait_coalescing(url: str, timeout: float = 120) -> str:
@@ -109,8 +114,8 @@ def compare(name: str, direct: str, direct_model: str | None, gateway: str, args
     for clients, per in ((16, 1), (64, 1), (4, 16)):
         ratios, d_runs, g_runs = [], [], []
         for _ in range(args.rounds):
-            d = asyncio.run(load(direct, direct_model, clients, per, args.duration))
-            g = asyncio.run(load(f"{gateway}/v1/embeddings", "minilm", clients, per, args.duration))
+            d = load(direct, direct_model, clients, per, args.duration)
+            g = load(f"{gateway}/v1/embeddings", "minilm", clients, per, args.duration)
             d_runs.append(d)
             g_runs.append(g)
             ratios.append(g[0] / d[0] if d[0] else float("nan"))
@@ -141,7 +146,7 @@ def calls_phase(work: Path, llama_url: str, args: argparse.Namespace) -> None:
             before = len(server.received)  # type: ignore[attr-defined]
             requests = 0
             for _ in range(1):
-                rate, p50, p99 = asyncio.run(load(f"{gw}/v1/embeddings", "minilm", 32, 1, args.duration))
+                rate, p50, p99 = load(f"{gw}/v1/embeddings", "minilm", 32, 1, args.duration)
                 requests += int(rate * args.duration)
             received = server.received[before:]  # type: ignore[attr-defined]
             calls = sum(1 for r in received if r.path == "/embed" and not is_probe(r.body))
