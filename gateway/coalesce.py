@@ -53,6 +53,9 @@ class _Alone(Exception):
     """The merged call failed on an input: the request goes again by itself."""
 
 
+_Key = tuple[str, str | None]  # (backend, prompt name)
+
+
 @dataclass(eq=False, slots=True)
 class _Member:
     texts: Sequence[str]
@@ -63,6 +66,7 @@ class _Member:
 
 @dataclass(eq=False)
 class _Group:
+    key: _Key
     members: list[_Member] = field(default_factory=list)
     texts: int = 0
     full: asyncio.Event = field(default_factory=asyncio.Event)
@@ -71,9 +75,6 @@ class _Group:
 
     def live(self) -> list[_Member]:
         return [m for m in self.members if not m.future.done()]
-
-
-_Key = tuple[str, str | None]  # (backend, prompt name)
 
 
 class Coalescing:
@@ -92,7 +93,7 @@ class Coalescing:
         if group is None or group.texts + len(texts) > merge.limit:
             if group is None and not self._in_flight.get(key) and not _busy(st):
                 return await self._alone(key, st, texts, prompt_name, deadline)  # nothing to wait for
-            group = self._open[key] = _Group()
+            group = self._open[key] = _Group(key)
             group.task = asyncio.get_running_loop().create_task(self._run(key, st, prompt_name, group, merge))
             self._tasks.add(group.task)
             group.task.add_done_callback(self._tasks.discard)
@@ -143,6 +144,8 @@ class Coalescing:
         if group.waiters is not None:
             group.waiters.left = True
         elif group.task is not None:
+            if self._open.get(group.key) is group:  # nobody may join a group on its way out
+                del self._open[group.key]
             group.task.cancel()
 
     async def _run(self, key: _Key, st: BackendState, prompt_name: str | None, group: _Group, merge: MergeHint) -> None:
@@ -176,6 +179,10 @@ class Coalescing:
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
         try:
             out = await asyncio.shield(call)
+        except asyncio.CancelledError:  # shut down: nobody is left to answer
+            for m in live:
+                m.future.cancel()
+            raise
         except BackendError as exc:
             # An input's problem is retried request by request (one bad input fails only its request); the
             # backend's own failure is every request's, and each router tries its next backend.
