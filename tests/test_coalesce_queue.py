@@ -82,7 +82,7 @@ async def test_a_group_everybody_left_leaves_the_queue_and_newcomers_are_not_stu
 
 async def test_a_short_deadline_leaves_the_group_and_the_others_are_answered() -> None:
     backend = Recorder()
-    router, st, metrics = setup(backend)
+    router, _, metrics = setup(backend)
     first = asyncio.ensure_future(router.embed("m", ["a"]))
     await asyncio.sleep(0.05)
     hurried = asyncio.ensure_future(router.embed("m", ["hurried"], deadline=Deadline(0.05)))
