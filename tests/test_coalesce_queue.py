@@ -40,7 +40,7 @@ class Recorder(InProcessBackend):
 
 def setup(backend: Recorder, slots: int = 1) -> tuple[Router, BackendState, Metrics]:
     metrics = Metrics()
-    st = BackendState(backend)  # type: ignore[arg-type]
+    st = BackendState(backend)
     st.batch_invariant = True
     st.admission.set_limit(slots)
     router = Router([st], {"m": 4}, metrics, RoutingPolicy(), coalesce_s={"m": 0.002})
