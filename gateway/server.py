@@ -19,6 +19,7 @@ import asyncio
 import logging
 import resource
 import time
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -29,6 +30,8 @@ from config.settings import ServerSettings
 log = logging.getLogger(__name__)
 
 _FD_RESERVE_SHARE = 4  # keep a quarter of the fds (at least 64) for backends, children and files
+# The scope key of the connection's disconnect hook (gateway.api.direct.until_disconnect uses it).
+DISCONNECT_HOOK = "gateway.disconnect"
 
 
 def raise_fd_limit() -> int:
@@ -57,6 +60,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._opened = time.monotonic()
         self._read_timer: asyncio.TimerHandle | None = None
+        self._on_lost: list[Callable[[], None]] = []
+        self._lost = False
         self._arm()
         if len(self.connections) > self.max_connections:
             self._make_room()
@@ -86,6 +91,22 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         victim = min(idle, key=lambda c: c._opened, default=self)
         victim.transport.close()
 
+    def watch(self, callback: Callable[[], None]) -> bool:
+        """Call `callback` when the client's connection is lost (a request's disconnect, without a task
+        per request awaiting `receive()` for it); False when it is lost already."""
+        if self._lost:
+            return False
+        self._on_lost.append(callback)
+        return True
+
+    def unwatch(self, callback: Callable[[], None]) -> None:
+        if callback in self._on_lost:
+            self._on_lost.remove(callback)
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self.scope[DISCONNECT_HOOK] = self  # type: ignore[literal-required]
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._arm()  # a kept-alive connection that starts a request must finish it in time too
@@ -97,6 +118,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+        self._lost = True
+        callbacks, self._on_lost = self._on_lost, []
+        for callback in callbacks:
+            callback()
 
 
 def protocol_for(server: ServerSettings, fd_limit: int) -> type[GuardedHttpProtocol]:
