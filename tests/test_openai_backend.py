@@ -210,3 +210,29 @@ def test_path_prefix_spellings(given: str, kept: str) -> None:
 def test_path_prefix_that_is_no_path_is_refused() -> None:
     with pytest.raises(ValueError, match="not a URL path"):
         OpenAIBackend.model_validate(openai_backend("o", "http://x", path_prefix="/v1?x=1"))
+
+
+def test_decoding_orders_by_index_and_refuses_malformed_bodies() -> None:
+    import base64
+
+    import numpy as np
+
+    from backends.errors import BadBackendOutput
+    from backends.openai import decode_vectors
+
+    b64 = base64.b64encode(np.asarray([0.5, 0.25], dtype="<f4").tobytes()).decode()
+    body = {"data": [{"embedding": [3.0, 4.0], "index": 1}, {"embedding": b64, "index": 0}]}
+    assert decode_vectors("b", json.dumps(body).encode(), 2).tolist() == [[0.5, 0.25], [3.0, 4.0]]
+    unindexed = {"data": [{"embedding": [3.0, 4.0]}, {"embedding": [1.0, 2.0], "index": 0}]}
+    assert decode_vectors("b", json.dumps(unindexed).encode(), 2).tolist() == [[3.0, 4.0], [1.0, 2.0]]
+    for bad in (
+        b"[1, 2]",
+        b'{"data": {"embedding": [1.0]}}',
+        b'{"data": [{"embedding": [1.0, 2.0]}]}',  # one vector for two inputs
+        b'{"data": [{"embedding": [1.0, 2.0]}, {"embedding": [1.0]}]}',  # ragged
+        b'{"data": [{"embedding": [1.0, "x"]}, {"embedding": [1.0, 2.0]}]}',
+        b'{"data": [{"embedding": null}, {"embedding": [1.0, 2.0]}]}',
+        b'{"data": [{"embedding": [[1.0], [2.0]]}, {"embedding": [[1.0], [2.0]]}]}',  # not (n, dim)
+    ):
+        with pytest.raises(BadBackendOutput):
+            decode_vectors("b", bad, 2)
