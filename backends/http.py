@@ -17,6 +17,7 @@ import numpy as np
 from httpx_aiohttp import AiohttpTransport
 
 from backends.errors import BackendTimeout, BackendUnavailable, BadBackendOutput
+from backends.wire import WireClient
 
 
 def make_client(
@@ -90,9 +91,18 @@ class JsonPoster:
         transport = client._transport  # the one we built in make_client, or a test's
         self._aiohttp = transport if isinstance(transport, AiohttpTransport) else None
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+        # Plain http: the minimal keep-alive client (backends.wire); https and the rest: aiohttp.
+        parts = urlsplit(self._base)
+        self._wire: WireClient | None = None
+        self._wire_prefix = parts.path
+        if self._aiohttp is not None and parts.scheme == "http" and parts.hostname:
+            self._wire = WireClient(parts.hostname, parts.port or 80, self._headers, connect_timeout_s)
 
     async def post(self, path: str, body: bytes, read_timeout_s: float) -> RawResponse:
         url = self._base + path
+        if self._wire is not None:
+            status, headers, content = await self._wire.post(self._wire_prefix + path, body, read_timeout_s)
+            return RawResponse(status, headers, content, url)
         if self._aiohttp is None:
             limits = httpx.Timeout(read_timeout_s, connect=self._connect)
             headers = {"Content-Type": "application/json"}
@@ -110,6 +120,10 @@ class JsonPoster:
             url, data=body, headers=self._headers, timeout=timeout, allow_redirects=False, compress=False
         ) as answer:
             return RawResponse(answer.status, answer.headers, await answer.read(), url)
+
+    def close(self) -> None:
+        if self._wire is not None:
+            self._wire.close()
 
 
 @asynccontextmanager

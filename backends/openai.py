@@ -121,6 +121,7 @@ class OpenAICompatAdapter:
         return redact_url(self._url) + (self._prefix or "")
 
     async def aclose(self) -> None:
+        self._poster.close()
         await self._client.aclose()
 
     def _request_body(self, texts: Sequence[str]) -> bytes:

@@ -71,6 +71,7 @@ class TeiAdapter:
         return redact_url(self._url)
 
     async def aclose(self) -> None:
+        self._poster.close()
         await self._client.aclose()
 
     async def embed(
