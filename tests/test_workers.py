@@ -166,6 +166,9 @@ def test_sighup_with_workers_replaces_them_and_keeps_serving(tmp_path: Path, tei
     b_url, _ = tei_factory()
     config = write(tmp_path / "gw.toml", [tei("a", a_url)])
     with cli_gateway(config, args=TWO) as gw:
+        # Ready means one worker serves; both must, or the one still starting is missed below and, retiring
+        # after the reload, may answer with the removed backend while the test thinks every old worker left.
+        wait_until(lambda: len(fresh(gw.url, "/v1/backends").json().get("worker_processes", [])) == 2, timeout=60)
         pids = {p["pid"] for p in fresh(gw.url, "/v1/backends").json()["worker_processes"]}
         a.inject(Fault("latency", seconds=2.0))
         with ThreadPoolExecutor(2) as pool:
