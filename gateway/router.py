@@ -316,7 +316,7 @@ class Router:
         backend = st.backend
         sent = texts if backend.applies_prompt else prompt.apply(texts)
         bulk = _BULK.get()
-        window = None if bulk else self._coalesce_s.get(backend.model)
+        window = None if bulk or not st.batch_invariant else self._coalesce_s.get(backend.model)
         merge = MergeHint(window, self._chunk_size([st])) if window is not None else None
         out = await self.calls.embed(st, sent, prompt.name, deadline=deadline, permitted=True, bulk=bulk, merge=merge)
         return _Part(out.vectors, [backend.name])
