@@ -215,18 +215,21 @@ class BackendCalls:
     async def queue(self, st: BackendState, units: int, deadline: Deadline | None, *, bulk: bool = False) -> None:
         """Wait for one of the backend's slots, `units` of work counted as queued meanwhile (the router's shed
         logic reads them); `deadline` None: until cancelled."""
-        name = st.backend.name
         st.queued_units += units
         try:
             await st.admission.acquire(deadline.remaining() if deadline else None, bulk=bulk)
         except TimeoutError:
-            self._metrics.admission_timeouts.labels(name).inc()
-            raise DeadlineExceeded(
-                f"the request's deadline passed while waiting for backend {name!r} "
-                f"({st.admission.limit} calls at a time)"
-            ) from None
+            raise self.queue_timeout(st) from None
         finally:
             st.queued_units -= units
+
+    def queue_timeout(self, st: BackendState) -> DeadlineExceeded:
+        """A request's deadline passed while it waited for one of the backend's slots (counted)."""
+        name = st.backend.name
+        self._metrics.admission_timeouts.labels(name).inc()
+        return DeadlineExceeded(
+            f"the request's deadline passed while waiting for backend {name!r} ({st.admission.limit} calls at a time)"
+        )
 
     def start(
         self,

@@ -126,14 +126,9 @@ class Coalescing:
             self._in_flight[key] -= 1
 
     def _late(self, st: BackendState, group: _Group) -> DeadlineExceeded:
-        name = st.backend.name
-        if group.waiters is None:
-            self._metrics.admission_timeouts.labels(name).inc()
-            return DeadlineExceeded(
-                f"the request's deadline passed while waiting for backend {name!r} "
-                f"({st.admission.limit} calls at a time)"
-            )
-        return DeadlineExceeded(f"no answer from backend {name!r} within the request's deadline")
+        if group.waiters is None:  # still queued
+            return self._calls.queue_timeout(st)
+        return DeadlineExceeded(f"no answer from backend {st.backend.name!r} within the request's deadline")
 
     def _left(self, st: BackendState, group: _Group, member: _Member) -> None:
         """A request stopped waiting (deadline, client gone): its texts leave a group not yet sent; a group

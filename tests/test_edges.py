@@ -294,3 +294,48 @@ def test_work_beyond_the_budget_gets_503_with_retry_after_and_small_requests_sti
         assert re.search(r"max_inflight_texts", refused.json()["error"]["message"])
         assert refused.json()["error"]["code"] == "overloaded"
         assert gw.runtime.budget.texts == 0
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning", "error::pytest.PytestUnraisableExceptionWarning")
+async def test_until_disconnect_cancels_the_work_through_the_servers_hook_or_a_watcher() -> None:
+    from gateway.api.direct import until_disconnect
+    from gateway.errors import ClientDisconnected
+    from gateway.server import DISCONNECT_HOOK
+
+    async def disconnects() -> dict[str, str]:  # any ASGI server: a watcher task awaits receive()
+        await asyncio.sleep(0.05)
+        return {"type": "http.disconnect"}
+
+    started = time.monotonic()
+    with pytest.raises(ClientDisconnected):
+        await until_disconnect({}, disconnects, asyncio.sleep(5))  # type: ignore[arg-type]
+    assert time.monotonic() - started < 2
+
+    class Hook:  # what GuardedHttpProtocol offers: callbacks on connection loss
+        def __init__(self, lost: bool = False) -> None:
+            self.callbacks: list[Callable[[], None]] = []
+            self.lost = lost
+
+        def watch(self, callback: Callable[[], None]) -> bool:
+            if self.lost:
+                return False
+            self.callbacks.append(callback)
+            return True
+
+        def unwatch(self, callback: Callable[[], None]) -> None:
+            self.callbacks.remove(callback)
+
+    async def never() -> dict[str, str]:
+        await asyncio.Future()
+        return {}
+
+    hook = Hook()
+    asyncio.get_running_loop().call_later(0.05, lambda: [cb() for cb in list(hook.callbacks)])
+    started = time.monotonic()
+    with pytest.raises(ClientDisconnected):
+        await until_disconnect({DISCONNECT_HOOK: hook}, never, asyncio.sleep(5))  # type: ignore[arg-type,dict-item]
+    assert time.monotonic() - started < 2 and hook.callbacks == []  # cancelled, and no longer watched
+    assert await until_disconnect({DISCONNECT_HOOK: hook}, never, asyncio.sleep(0, "done")) == "done"  # type: ignore[arg-type,dict-item]
+    assert hook.callbacks == []
+    with pytest.raises(ClientDisconnected):  # gone before the work started: it never starts
+        await until_disconnect({DISCONNECT_HOOK: Hook(lost=True)}, never, asyncio.sleep(5))  # type: ignore[arg-type,dict-item]

@@ -52,6 +52,18 @@ async def server(handler: Handler) -> AsyncIterator[tuple[int, list[int]]]:
         srv.close()
 
 
+def slow_first(seconds: float) -> Handler:
+    """Answers OK, the first request on each connection only after `seconds`."""
+
+    async def handler(_r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> bool:
+        await asyncio.sleep(seconds if n == 0 else 0)
+        w.write(OK)
+        await w.drain()
+        return True
+
+    return handler
+
+
 def client(port: int) -> WireClient:
     return WireClient("127.0.0.1", port, {"Content-Type": "application/json"}, connect_timeout_s=2)
 
@@ -131,13 +143,7 @@ async def test_connection_close_and_errors_never_leave_a_connection_for_reuse() 
             assert (status, headers["retry-after"], body) == (503, "3", b"busy")
         assert conns == [1, 1]
 
-    async def slow(_r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> bool:
-        await asyncio.sleep(0.5 if n == 0 else 0)
-        w.write(OK)
-        await w.drain()
-        return True
-
-    async with server(slow) as (port, conns):
+    async with server(slow_first(0.5)) as (port, conns):
         c = client(port)
         with pytest.raises(aiohttp.ServerTimeoutError):
             await c.post("/", b"{}", 0.1)
@@ -160,13 +166,7 @@ async def test_nothing_listening_is_a_connection_error() -> None:
 
 
 async def test_a_cancelled_call_drops_its_connection() -> None:
-    async def slow(_r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> bool:
-        await asyncio.sleep(0.3 if n == 0 else 0)
-        w.write(OK)
-        await w.drain()
-        return True
-
-    async with server(slow) as (port, conns):
+    async with server(slow_first(0.3)) as (port, conns):
         c = client(port)
         call = asyncio.ensure_future(c.post("/", b"{}", 5))
         await asyncio.sleep(0.05)

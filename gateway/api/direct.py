@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
@@ -77,6 +78,8 @@ async def until_disconnect(scope: Scope, receive: Receive, work: Awaitable[T]) -
     watcher: asyncio.Future[None] | None = None
     if hook is not None:
         if not hook.watch(lost):
+            if inspect.iscoroutine(work):
+                work.close()  # never started: no "never awaited" warning
             raise ClientDisconnected("the client disconnected; its request was cancelled")
     else:
 
